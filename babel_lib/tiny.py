@@ -1,0 +1,72 @@
+"""Tiny randomly initialised models of every supported family, built from a config with no download.
+
+Names look like `tiny:llama` or `tiny:llama:1` (the seed). Tests and the smoke profile use them; the
+tokenizer is byte-level with <pad>, <bos> and <eos>, and adds <bos> like LLaMA's does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from babel_lib.errors import BabelError
+
+VOCAB = 3 + 256  # <pad> <bos> <eos> and one token per byte
+HIDDEN, WIDTH, LAYERS, HEADS = 32, 48, 3, 4
+
+
+def _configs() -> dict[str, object]:
+    import transformers as tf
+
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "vocab_size": VOCAB}
+    common = {**ids, "hidden_size": HIDDEN, "intermediate_size": WIDTH, "num_hidden_layers": LAYERS,
+              "num_attention_heads": HEADS, "max_position_embeddings": 256}
+    gqa = {**common, "num_key_value_heads": 2, "head_dim": HIDDEN // HEADS}
+    return {
+        "llama": tf.LlamaConfig(**gqa),
+        "mistral": tf.MistralConfig(**gqa),
+        "qwen2": tf.Qwen2Config(**gqa),
+        "qwen3": tf.Qwen3Config(**gqa),
+        "gemma": tf.GemmaConfig(**gqa),
+        "gemma2": tf.Gemma2Config(**gqa),
+        "gemma3_text": tf.Gemma3TextConfig(**gqa),
+        "phi3": tf.Phi3Config(**gqa),
+        "gpt2": tf.GPT2Config(**ids, n_embd=HIDDEN, n_inner=WIDTH, n_layer=LAYERS, n_head=HEADS, n_positions=256),
+        "gpt_neox": tf.GPTNeoXConfig(**common),
+        "opt": tf.OPTConfig(**ids, hidden_size=HIDDEN, ffn_dim=WIDTH, num_hidden_layers=LAYERS,
+                            num_attention_heads=HEADS, max_position_embeddings=256, word_embed_proj_dim=HIDDEN),
+    }
+
+
+TINY_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
+              "gpt_neox", "opt")
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (no merges) that adds <bos>: enough to run any text through a tiny model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2} | {ch: i + 3 for i, ch in enumerate(alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>")
+
+
+def tiny_model(name: str):
+    """(model, tokenizer) for `tiny:<model_type>[:seed]`, weights drawn from the seed."""
+    from transformers import AutoModelForCausalLM
+
+    parts = name.split(":")
+    model_type = parts[1] if len(parts) > 1 else ""
+    if model_type not in TINY_TYPES or len(parts) > 3 or (len(parts) == 3 and not parts[2].isdigit()):
+        raise BabelError(f"unknown tiny model {name!r}; use tiny:<type>[:seed] with type in {', '.join(TINY_TYPES)}")
+    seed = int(parts[2]) if len(parts) == 3 else 0
+    config = _configs()[model_type]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model, byte_tokenizer()

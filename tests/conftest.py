@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random models of every supported family, loaded once per session."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from babel_lib.models import LoadedModel, load_model
+
+torch.set_num_threads(2)
+
+
+@functools.cache
+def _tiny(model_type: str, dtype: str) -> LoadedModel:
+    return load_model(f"tiny:{model_type}", device="cpu", dtype=dtype)
+
+
+@pytest.fixture
+def tiny():
+    """tiny(model_type, dtype="float32") -> a LoadedModel (cached; do not modify its weights)."""
+    return lambda model_type, dtype="float32": _tiny(model_type, dtype)
+
+
+@functools.cache
+def _embedded(alias: str) -> LoadedModel:
+    return load_model(alias, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def embedded():
+    """embedded(alias) -> the embedded model in float32 on the CPU (cached for the session)."""
+    return _embedded
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Der schnelle braune Fuchs.", "日本語のテキストです。",
+         "Le renard brun rapide saute par-dessus le chien paresseux, puis il s'en va."]
