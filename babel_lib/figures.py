@@ -10,11 +10,13 @@ from __future__ import annotations
 import atexit
 import json
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from babel_lib.artefacts import atomic_path, write_json
+from babel_lib.errors import BabelError
 
 _SERVER: list[bool] = []  # holds True once the kaleido browser is up (process-wide resource, stopped at exit)
 
@@ -26,8 +28,15 @@ def _png(fig, path: Path, width: int, height: int) -> None:
         kaleido.start_sync_server(silence_warnings=True)
         atexit.register(kaleido.stop_sync_server, silence_warnings=True)
         _SERVER.append(True)
-    with atomic_path(path) as tmp:
-        fig.write_image(str(tmp), format="png", width=width, height=height)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+        try:
+            fig.write_image(str(tmp), format="png", width=width, height=height)
+        except RuntimeError as err:
+            if "requires Google Chrome" in str(err):
+                raise BabelError("PNG export needs Chromium: `sudo apt-get install chromium` (Debian/Ubuntu) or set "
+                                 "BROWSER_PATH to a Chrome/Chromium binary") from None
+            raise
 
 
 def caption(P: Mapping[str, Any], model: str | None = None, **details: Any) -> str:

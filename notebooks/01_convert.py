@@ -26,8 +26,9 @@
 # quantised GGUF weights, dequantised to float.
 
 # %% tags=["parameters"]
-profile = "default"  # configs/<profile>.yaml
-model = ""  # "" = the profile's models; else a model name or a comma-separated list
+# profile: configs/<profile>.yaml; model: empty for the profile's models, else a name or a comma-separated list
+profile = "default"
+model = ""
 
 # %%
 import pandas as pd
