@@ -5,22 +5,22 @@ PROFILE ?= default
 MODEL ?=
 PYTHON ?= python3
 
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 RUN := $(PROFILE)$(if $(MODEL),-$(subst /,_,$(subst :,_,$(MODEL))))
 BUILD := build/$(RUN)
-NOTEBOOKS := 01_convert
+NOTEBOOKS := 01_convert 02_profile 03_massive_activations 04_sparsity_scaling
 LIB := $(shell find babel_lib -name '*.py') pyproject.toml
 EXECUTED := $(NOTEBOOKS:%=$(BUILD)/%.ipynb)
 
-.PHONY: setup models data data-check figures test lab clean
+.PHONY: setup models data data-check figures test lab explore zoo clean
 .DELETE_ON_ERROR:
 
 ## setup: virtual environment, the package with its notebook and test extras, kernel, Chromium, embedded models
 setup: $(VENV)/.setup-done
 $(VENV)/.setup-done: pyproject.toml scripts/setup-system.sh
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# CPU torch first, pinned (a bare `torch` would pull a multi-GB CUDA build); a GPU user's own torch is kept
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -57,6 +57,19 @@ $(BUILD)/%.ipynb: notebooks/%.py $(LIB) configs/$(PROFILE).yaml | models
 $(BUILD)/02_profile.ipynb: $(BUILD)/01_convert.ipynb
 $(BUILD)/03_massive_activations.ipynb: $(BUILD)/02_profile.ipynb
 $(BUILD)/04_sparsity_scaling.ipynb: $(BUILD)/03_massive_activations.ipynb
+
+## zoo: the micro ReLU/SiLU family trained on the corpus -> data/zoo/zoo.csv + PROVENANCE.json (needs CUDA);
+##      PROFILE=smoke trains a toy family on the CPU into build/smoke/zoo/
+ZOO_TABLE := $(if $(filter default gpu,$(PROFILE)),data/zoo/zoo.csv,build/$(PROFILE)/zoo/zoo.csv)
+ZOO_JOBS ?= $(if $(filter smoke,$(PROFILE)),1,4)
+zoo: setup
+	$(PY) -m babel_lib.zoo prepare --profile $(PROFILE)
+	$(PY) -m babel_lib.zoo train --profile $(PROFILE) --jobs $(ZOO_JOBS)
+	$(PY) -m babel_lib.zoo table --profile $(PROFILE)
+
+build/smoke/zoo/zoo.csv: babel_lib/zoo.py babel_lib/sparsity.py configs/smoke.yaml | setup
+	$(MAKE) zoo PROFILE=smoke
+$(BUILD)/04_sparsity_scaling.ipynb: $(ZOO_TABLE)
 
 ## test: unit tests and a smoke run of every notebook (profile smoke)
 test: models

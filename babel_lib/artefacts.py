@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,8 +33,7 @@ def params_key(params: Mapping[str, Any]) -> str:
 def atomic_path(path: Path):
     """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # plain create: honours the umask
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """Run parameters: one YAML file per profile (configs/<profile>.yaml), resolved per notebook.
 
-A profile file has common keys (device, dtype, models, languages, ...) and a `notebooks:` section with
-one mapping per notebook. `notebook_params` merges the two, applies overrides and adds the run's paths,
+A profile file has common keys (device, dtype, models, languages, ...), a `notebooks:` section with
+one mapping per notebook, and a `zoo:` section for the micro-model family (babel_lib.zoo). `notebook_params` merges the two, applies overrides and adds the run's paths,
 so a notebook's parameters cell only names the profile and, optionally, a model.
 """
 
@@ -53,7 +53,7 @@ def notebook_params(notebook: str, profile: str = "default", model: str = "", **
     if notebook not in sections:
         raise BabelError(f"configs/{profile}.yaml has no section for notebook {notebook!r}; "
                          f"it has {', '.join(sections)}")
-    params = {k: v for k, v in raw.items() if k != "notebooks"} | dict(sections[notebook] or {})
+    params = {k: v for k, v in raw.items() if k not in ("notebooks", "zoo")} | dict(sections[notebook] or {})
     unknown = sorted(set(overrides) - set(params))
     if unknown:
         raise BabelError(f"unknown parameter(s) {', '.join(unknown)} for {notebook}; valid: {', '.join(sorted(params))}")

@@ -20,7 +20,6 @@ from babel_lib.models import LoadedModel
 from babel_lib.moe import ExpertMap, routed
 from babel_lib.partition import cohesion, partition_labels
 
-METHODS = ("kmeans", "random", "contiguous", "coactivation")
 
 
 def partition_params(lm: LoadedModel, n_experts: int, method: str, seed: int, iters: int) -> dict:

@@ -194,7 +194,7 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if name.startswith("tiny:"):
-        model, tokenizer = tiny_model(name)
+        model, tokenizer = tiny_model(name, attn_implementation)
         card = f"{name} (randomly initialised, for tests)"
     else:
         model, tokenizer, card = _load_pretrained(name, dt, attn_implementation, trust_remote_code)

@@ -19,17 +19,9 @@ from torch import nn
 
 from babel_lib.errors import BabelError
 from babel_lib.hooks import hooked, site
+from babel_lib.partition import expert_sizes
 
 SCORE_MODES = ("sum", "abs", "pos")
-
-
-def balanced_sizes(width: int, n_experts: int) -> torch.Tensor:
-    """Neurons per expert: the first width % n_experts experts hold one neuron more."""
-    if not 1 <= n_experts <= width:
-        raise BabelError(f"n_experts={n_experts} is larger than the FFN width {width}; choose at most {width}"
-                         if n_experts > width else f"n_experts={n_experts} must be at least 1")
-    size, big = divmod(width, n_experts)
-    return torch.tensor([size + 1] * big + [size] * (n_experts - big))
 
 
 class ExpertMap:
@@ -40,7 +32,7 @@ class ExpertMap:
         self.n_experts = n_experts
         for layer, layer_labels in enumerate(self.labels):
             counts = torch.bincount(layer_labels.cpu(), minlength=n_experts)
-            if counts.numel() != n_experts or not torch.equal(counts, balanced_sizes(layer_labels.numel(), n_experts)):
+            if counts.numel() != n_experts or not torch.equal(counts, expert_sizes(layer_labels.numel(), n_experts)):
                 raise BabelError(f"partition layer {layer} is not balanced over {n_experts} experts; rebuild it "
                                  "with babel_lib.partition.partition_labels")
         self._onehot: dict[tuple[int, torch.device], torch.Tensor] = {}

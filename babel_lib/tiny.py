@@ -56,7 +56,7 @@ def byte_tokenizer():
                                    eos_token="<eos>")
 
 
-def tiny_model(name: str):
+def tiny_model(name: str, attn_implementation: str | None = None):
     """(model, tokenizer) for `tiny:<model_type>[:seed]`, weights drawn from the seed."""
     from transformers import AutoModelForCausalLM
 
@@ -68,5 +68,5 @@ def tiny_model(name: str):
     config = _configs()[model_type]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
     return model, byte_tokenizer()

@@ -9,21 +9,14 @@ from conftest import TEXTS
 from babel_lib.batches import encode, pad
 from babel_lib.conversion import equivalence, partition_model
 from babel_lib.errors import BabelError
-from babel_lib.moe import ExpertMap, balanced_sizes, routed
+from babel_lib.moe import ExpertMap, routed
+from babel_lib.partition import expert_sizes
 from babel_lib.tiny import TINY_TYPES
-
-
-def test_balanced_sizes():
-    assert balanced_sizes(11008, 256).tolist() == [43] * 256
-    sizes = balanced_sizes(50, 8)
-    assert sizes.tolist() == [7, 7, 6, 6, 6, 6, 6, 6] and int(sizes.sum()) == 50
-    with pytest.raises(BabelError, match="larger than the FFN width"):
-        balanced_sizes(48, 49)
 
 
 def _random_labels(width: int, n_experts: int, layers: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    base = torch.repeat_interleave(torch.arange(n_experts), balanced_sizes(width, n_experts))
+    base = torch.repeat_interleave(torch.arange(n_experts), expert_sizes(width, n_experts))
     return torch.stack([base[torch.randperm(width, generator=g)] for _ in range(layers)])
 
 
@@ -91,3 +84,8 @@ def test_converted_embedded_model_reproduces_dense_logits(embedded, alias):
     batch = pad(encode(lm.tokenizer, TEXTS), lm.tokenizer)
     check = equivalence(lm, experts, batch)
     assert check["all_experts"] <= 1e-5 and check["dropped"] > 1e-3
+
+
+def test_too_many_experts_is_a_clear_error(tiny):
+    with pytest.raises(BabelError, match=r"n_experts=49 is larger than the FFN width 48; choose at most 48"):
+        partition_model(tiny("llama"), n_experts=49, method="contiguous")
