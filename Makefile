@@ -75,6 +75,18 @@ $(BUILD)/04_sparsity_scaling.ipynb: $(ZOO_TABLE)
 test: models
 	$(BIN)/pytest -q
 
+## explore: the heatmap explorer as a standalone web app (Voila) over the frequencies of `make figures`
+EXPLORE_PORT ?= 8866
+explore: setup
+	@mkdir -p build/$(RUN)/src
+	$(BIN)/jupytext --quiet --to ipynb -o build/$(RUN)/src/explorer.ipynb apps/explorer.py
+	$(BIN)/papermill --prepare-only -k babel -p profile $(PROFILE) -p model "$(MODEL)" \
+		build/$(RUN)/src/explorer.ipynb build/$(RUN)/explorer.ipynb
+	@echo "explorer: http://localhost:$(EXPLORE_PORT)/ (Ctrl-C stops it)"
+	$(BIN)/voila --no-browser --port=$(EXPLORE_PORT) --Voila.port_retries=0 \
+		--MappingKernelManager.cull_idle_timeout=3600 --MappingKernelManager.cull_interval=300 \
+		build/$(RUN)/explorer.ipynb
+
 ## lab: JupyterLab on the notebooks (jupytext opens the .py files as notebooks)
 lab: setup
 	$(BIN)/jupyter lab notebooks/

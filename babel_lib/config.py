@@ -1,13 +1,15 @@
 """Run parameters: one YAML file per profile (configs/<profile>.yaml), resolved per notebook.
 
 A profile file has common keys (device, dtype, models, languages, ...), a `notebooks:` section with
-one mapping per notebook, and a `zoo:` section for the micro-model family (babel_lib.zoo). `notebook_params` merges the two, applies overrides and adds the run's paths,
-so a notebook's parameters cell only names the profile and, optionally, a model.
+one mapping per notebook, and a `zoo:` section for the micro-model family (babel_lib.zoo). `notebook_params`
+merges the common keys with the notebook's section, applies overrides and adds the run's paths, so a
+notebook's parameters cell only names the profile and, optionally, a model.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,14 @@ import yaml
 from babel_lib.errors import BabelError
 
 ROOT = Path(os.environ.get("BABEL_ROOT", Path(__file__).resolve().parents[1]))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e6` and `1.0e6` as strings, not numbers."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 
 
 class Params(dict):
@@ -38,7 +48,7 @@ def load_profile(profile: str) -> dict[str, Any]:
     path = ROOT / "configs" / f"{profile}.yaml"
     if not path.exists():
         raise BabelError(f"unknown profile {profile!r}; profiles are {', '.join(profiles())} (configs/*.yaml)")
-    return yaml.safe_load(path.read_text())
+    return yaml.load(path.read_text(), Loader=_Loader)
 
 
 def run_name(profile: str, model: str = "") -> str:
@@ -72,12 +82,15 @@ def notebook_params(notebook: str, profile: str = "default", model: str = "", **
 
 
 def apply_runtime(P: Params) -> None:
-    """Set the process-wide knobs a run depends on: CPU threads and the global seeds."""
+    """Set the process-wide knobs a run depends on: CPU threads, the global seeds, and how figures display
+    (the plotly mimetype for JupyterLab plus self-contained HTML, so the nbconvert rendering shows them too)."""
     import random
 
     import numpy as np
+    import plotly.io as pio
     import torch
 
+    pio.renderers.default = "plotly_mimetype+notebook"
     torch.set_num_threads(int(P.get("threads", 2)))
     random.seed(P.get("seed", 0))
     np.random.seed(P.get("seed", 0))

@@ -7,7 +7,6 @@ time on the CPU and synchronised wall time on CUDA.
 """
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from babel_lib.partition import balanced_kmeans, expert_sizes, inertia, partition_labels
+from benchmarks.common import machine_name
 
 RESULTS = Path(__file__).parent / "results"
 # (n, d, k, data): small to the largest that k-means-constrained (n_init=10) finishes in about a minute.
@@ -54,16 +54,6 @@ def timed(fn, device: torch.device):
     out = fn()
     torch.cuda.synchronize()
     return out, time.perf_counter() - start
-
-
-def machine_name(device: torch.device) -> str:
-    """CPU model from /proc/cpuinfo, or the CUDA device name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def compare_cpu(iters: int) -> list[str]:

@@ -23,6 +23,15 @@ def tiny():
     return lambda model_type, dtype="float32": _tiny(model_type, dtype)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: small problems on the shared 2-core machine run far slower on two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @functools.cache
 def _embedded(alias: str) -> LoadedModel:
     return load_model(alias, device="cpu", dtype="float32")

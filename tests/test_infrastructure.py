@@ -26,6 +26,35 @@ def test_profiles_resolve_for_every_notebook_section():
             assert P.models and P.languages and P.artefacts.endswith(f"build/{profile}/artefacts")
 
 
+def test_numbers_in_exponent_notation_read_as_numbers(tmp_path, monkeypatch):
+    """PyYAML alone reads 1e6 and 1.0e6 as strings; a profile must get numbers (a string broke a fit)."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "x.yaml").write_text("a: 1e6\nb: 1.0e6\nc: -3E-2\nd: .5e3\ne: 12\nf: e5\ng: 1.0.0\n")
+    monkeypatch.setattr(config, "ROOT", tmp_path)
+    assert config.load_profile("x") == {"a": 1e6, "b": 1e6, "c": -0.03, "d": 500.0, "e": 12, "f": "e5", "g": "1.0.0"}
+
+
+def strings(value):
+    """Every string inside a nested config value."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+@pytest.mark.parametrize("profile", ["default", "smoke", "gpu"])
+def test_no_profile_value_is_a_number_read_as_text(profile):
+    def numeric(text):
+        try:
+            float(text)
+            return True
+        except ValueError:
+            return False
+
+    assert not [s for s in strings(config.load_profile(profile)) if numeric(s)]
+
+
 def test_overrides_and_bad_parameters():
     P = config.notebook_params("01_convert", "smoke", model="tiny:llama, tiny:gpt2", n_experts=8)
     assert P.models == ["tiny:llama", "tiny:gpt2"] and P.n_experts == 8 and P.run == "smoke-tiny_llama, tiny_gpt2"

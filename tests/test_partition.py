@@ -17,13 +17,7 @@ from babel_lib.partition import (
     partition_labels,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared: keep these tests on one core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # micro problems: two threads on 2 shared cores are slower
 
 
 def clustered(n: int, d: int, n_centres: int, seed: int, noise: float = 0.5) -> torch.Tensor:

@@ -1,0 +1,332 @@
+"""The paper's analyses of expert activation frequencies f [n_langs, n_layers, n_experts] (numpy or torch).
+
+High-frequency experts (f >= tau_high), experts shared by every language, language-specific experts,
+language similarity with a hierarchical clustering and its agreement with language families (a number and a
+permutation p-value), split-half stability with a noise floor for differences, and comparisons of two models
+(two families, or a base/instruct pair). Every function is pure: arrays in, arrays or plain numbers out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.cluster import hierarchy
+from scipy.spatial.distance import squareform
+from scipy.special import comb
+
+from babel_lib.errors import BabelError
+
+METRICS = ("cosine", "pearson", "jaccard")
+DEPTHS = ("early", "middle", "late")
+
+
+def _np(x: Any) -> np.ndarray:
+    """A numpy copy of a numpy array or (CPU) torch tensor."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def frequencies(counts: Any, tokens: Any) -> np.ndarray:
+    """f = counts / tokens, float64; counts [..., L, E] with tokens [...] (e.g. [n] or [2, n] for halves)."""
+    counts, tokens = _np(counts).astype(np.float64), _np(tokens).astype(np.float64)
+    if counts.shape[:-2] != tokens.shape:
+        raise BabelError(f"counts {counts.shape} and tokens {tokens.shape} do not match; counts must be "
+                         "[..., layers, experts] with tokens [...]")
+    if (tokens <= 0).any():
+        raise BabelError("some group has no counted token; profile more text for it")
+    return counts / tokens[..., None, None]
+
+
+def expert_order(freq: Any) -> np.ndarray:
+    """Per layer, experts by mean frequency over languages, highest first (ties by expert id): [L, E]."""
+    return np.argsort(-_np(freq).mean(0), axis=-1, kind="stable")
+
+
+def reorder(values: Any, order: np.ndarray) -> np.ndarray:
+    """values [..., L, E] with each layer's experts put in `order` [L, E] (one order for every language)."""
+    values = _np(values)
+    return np.take_along_axis(values, np.broadcast_to(order, values.shape), axis=-1)
+
+
+def high_counts(freq: Any, tau_high: float) -> np.ndarray:
+    """Number of high-frequency experts (f >= tau_high) per language and layer: [n, L]."""
+    return (_np(freq) >= tau_high).sum(-1)
+
+
+def shared_experts(freq: Any, tau_high: float) -> np.ndarray:
+    """Experts with f >= tau_high in every language: bool [L, E]."""
+    return (_np(freq) >= tau_high).all(0)
+
+
+def specific_experts(freq: Any, tau_high: float, tau_low: float, max_languages: int = 1) -> np.ndarray:
+    """bool [n, L, E]: expert e is specific to language i when f_i >= tau_high, it is high in at most
+    `max_languages` languages, and every language where it is not high has f < tau_low."""
+    if tau_low > tau_high:
+        raise BabelError(f"tau_low={tau_low} is above tau_high={tau_high}; choose tau_low <= tau_high")
+    freq = _np(freq)
+    high = freq >= tau_high
+    clear = ((freq < tau_low) | high).all(0) & (high.sum(0) <= max_languages)
+    return high & clear
+
+
+def expert_ids(mask: Any) -> list[tuple[int, int]]:
+    """(layer, expert) of every True cell of a [L, E] mask."""
+    return [(int(layer), int(e)) for layer, e in np.argwhere(_np(mask))]
+
+
+def similarity(freq: Any, metric: str = "pearson", *, center: bool = False, tau_high: float | None = None
+               ) -> np.ndarray:
+    """Language similarity [n, n] of the flattened frequency vectors: "cosine", "pearson", or "jaccard" of the
+    high-frequency sets (f >= tau_high). center=True first subtracts every cell's mean over languages, so the
+    similarity compares what is particular to each language rather than the common expert popularity."""
+    if metric not in METRICS:
+        raise BabelError(f"unknown similarity {metric!r}; choose one of {', '.join(METRICS)}")
+    x = _np(freq).reshape(len(freq), -1).astype(np.float64)
+    if metric == "jaccard":
+        if tau_high is None:
+            raise BabelError("metric='jaccard' compares high-frequency sets; pass tau_high")
+        sets = (x >= tau_high).astype(np.float64)
+        inter = sets @ sets.T
+        union = sets.sum(1)[:, None] + sets.sum(1)[None, :] - inter
+        return np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
+    if center:
+        x = x - x.mean(0)
+    if metric == "pearson":
+        x = x - x.mean(1, keepdims=True)
+    norms = np.linalg.norm(x, axis=1)
+    if (norms == 0).any():
+        raise BabelError("a language's frequency vector is constant, so its similarity is undefined; profile "
+                         "more text or use metric='jaccard'")
+    unit = x / norms[:, None]
+    return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
+def cluster(sim: np.ndarray, method: str = "average") -> np.ndarray:
+    """Hierarchical clustering (scipy linkage matrix) of languages on the distance 1 - similarity."""
+    dist = np.clip(1.0 - _np(sim), 0.0, None)
+    np.fill_diagonal(dist, 0.0)
+    return hierarchy.linkage(squareform((dist + dist.T) / 2, checks=False), method=method)
+
+
+def dendrogram(linkage: np.ndarray, labels: Sequence[str]) -> dict:
+    """Coordinates of the dendrogram (scipy's icoord, dcoord, ivl = leaf labels left to right, leaves)."""
+    return hierarchy.dendrogram(linkage, labels=list(labels), no_plot=True)
+
+
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n, 1)
+
+
+def family_agreement(sim: np.ndarray, groups: Sequence[str], n_permutations: int = 10000, seed: int = 0
+                     ) -> dict[str, float]:
+    """Mean similarity of language pairs in the same group minus pairs in different groups, and a one-sided
+    permutation p-value (group labels shuffled over languages; p = (1 + #perm gap >= observed) / (1 + n))."""
+    sim, groups = _np(sim), np.asarray(groups)
+    i, j = _pairs(len(groups))
+    values = sim[i, j]
+    _, codes = np.unique(groups, return_inverse=True)
+
+    def gaps(labels: np.ndarray) -> np.ndarray:  # labels [P, n] -> gap per row
+        same = labels[:, i] == labels[:, j]
+        if not same.any(1).all() or same.all(1).any():
+            raise BabelError("the agreement needs language pairs both within and across groups; give languages "
+                             "from at least two groups with one group holding two or more")
+        within = (same * values).sum(1) / same.sum(1)
+        across = (~same * values).sum(1) / (~same).sum(1)
+        return within - across
+
+    observed = gaps(codes[None])[0]
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permuted(np.tile(codes, (n_permutations, 1)), axis=1)
+    null = gaps(shuffled)
+    same = codes[i] == codes[j]
+    return {"within": float(values[same].mean()), "across": float(values[~same].mean()), "gap": float(observed),
+            "p_value": float((1 + (null >= observed - 1e-12).sum()) / (1 + n_permutations)),
+            "within_pairs": int(same.sum()), "n_permutations": n_permutations}
+
+
+def adjusted_rand(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Adjusted Rand index of two labellings of the same items (1 = identical partitions, ~0 = chance)."""
+    _, a = np.unique(np.asarray(a), return_inverse=True)
+    _, b = np.unique(np.asarray(b), return_inverse=True)
+    table = np.zeros((a.max() + 1, b.max() + 1), dtype=np.int64)
+    np.add.at(table, (a, b), 1)
+    pairs = comb(table, 2).sum()
+    rows, cols, total = comb(table.sum(1), 2).sum(), comb(table.sum(0), 2).sum(), comb(len(a), 2)
+    expected = rows * cols / total
+    top = (rows + cols) / 2
+    return 1.0 if top == expected else float((pairs - expected) / (top - expected))
+
+
+def cluster_agreement(linkage: np.ndarray, groups: Sequence[str]) -> float:
+    """ARI between the known groups and the dendrogram cut into as many clusters as there are groups."""
+    k = len(set(groups))
+    return adjusted_rand(groups, hierarchy.fcluster(linkage, k, criterion="maxclust"))
+
+
+def off_diagonal_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of the upper-triangle entries of two [n, n] matrices."""
+    i, j = _pairs(len(a))
+    return float(np.corrcoef(_np(a)[i, j], _np(b)[i, j])[0, 1])
+
+
+def mantel(a: np.ndarray, b: np.ndarray, n_permutations: int = 10000, seed: int = 0) -> dict[str, float]:
+    """Mantel test: correlation of two similarity matrices over language pairs, and a one-sided p-value
+    from permuting the languages of one matrix."""
+    a, b = _np(a), _np(b)
+    observed = off_diagonal_correlation(a, b)
+    rng = np.random.default_rng(seed)
+    null = np.array([off_diagonal_correlation(a, b[np.ix_(p, p)])
+                     for p in (rng.permutation(len(a)) for _ in range(n_permutations))])
+    return {"r": observed, "p_value": float((1 + (null >= observed - 1e-12).sum()) / (1 + n_permutations))}
+
+
+def split_half_correlation(freq_halves: Any) -> np.ndarray:
+    """Per language, the Pearson correlation of the two halves' frequencies [2, n, L, E] -> [n]."""
+    halves = _np(freq_halves)
+    x = halves.reshape(2, halves.shape[1], -1)
+    return np.array([np.corrcoef(x[0, i], x[1, i])[0, 1] for i in range(x.shape[1])])
+
+
+def spearman_brown(r: Any) -> np.ndarray:
+    """Reliability of the full sample from the split-half correlation r: 2r / (1 + r)."""
+    r = _np(r)
+    return 2 * r / (1 + r)
+
+
+def standard_error(counts_halves: Any, tokens_halves: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell standard error [n, L, E] of the full-sample frequency, and the design effect [n] behind it.
+
+    Tokens of a paragraph are not independent, so the binomial variance f(1-f)/N is scaled by a design
+    effect estimated from the two paragraph halves: deff = sum (f1 - f2)^2 / sum f(1-f)(1/N1 + 1/N2).
+    """
+    counts, tokens = _np(counts_halves).astype(np.float64), _np(tokens_halves).astype(np.float64)
+    halves = frequencies(counts, tokens)
+    full = frequencies(counts.sum(0), tokens.sum(0))
+    binomial = full * (1 - full)
+    spread = ((halves[0] - halves[1]) ** 2).sum((1, 2))
+    scale = binomial.sum((1, 2)) * (1 / tokens[0] + 1 / tokens[1])
+    deff = np.divide(spread, scale, out=np.zeros_like(spread), where=scale > 0)
+    return np.sqrt(deff[:, None, None] * binomial / tokens.sum(0)[:, None, None]), deff
+
+
+def beyond_noise(diff: Any, se: Any, z: float = 3.0) -> np.ndarray:
+    """Cells where a frequency difference exceeds z standard errors (se: the difference's standard error)."""
+    return np.abs(_np(diff)) > z * _np(se)
+
+
+def pairwise_beyond_noise(freq: Any, se: Any, z: float = 3.0) -> np.ndarray:
+    """[n, n] fraction of cells where languages i and j differ by more than z * sqrt(se_i^2 + se_j^2)."""
+    freq, se = _np(freq), _np(se)
+    n = len(freq)
+    out = np.zeros((n, n))
+    for i, j in zip(*_pairs(n)):
+        out[i, j] = out[j, i] = beyond_noise(freq[i] - freq[j], np.hypot(se[i], se[j]), z).mean()
+    return out
+
+
+def depth_peak(per_layer: Any) -> str:
+    """Which third of the layers ("early", "middle", "late") holds the largest mean of a per-layer value."""
+    thirds = np.array_split(_np(per_layer).astype(np.float64), 3)
+    return DEPTHS[int(np.argmax([t.mean() for t in thirds]))]
+
+
+def compare_variants(freq_a: Any, freq_b: Any, tau_high: float) -> dict[str, Any]:
+    """Two models of one architecture (e.g. base vs instruct) profiled with one partition, same languages:
+    per-layer correlation of their frequencies, mean |difference| (overall and per layer), Jaccard overlap
+    of their shared-expert sets, and the correlation of their language-similarity matrices (n >= 3)."""
+    a, b = _np(freq_a), _np(freq_b)
+    if a.shape != b.shape:
+        raise BabelError(f"the two variants' frequencies have shapes {a.shape} and {b.shape}; profile both with "
+                         "one partition and the same languages")
+    layers = a.shape[1]
+    xa, xb = a.transpose(1, 0, 2).reshape(layers, -1), b.transpose(1, 0, 2).reshape(layers, -1)
+    corr = np.array([np.corrcoef(xa[layer], xb[layer])[0, 1] for layer in range(layers)])
+    shared_a, shared_b = shared_experts(a, tau_high), shared_experts(b, tau_high)
+    union = (shared_a | shared_b).sum()
+    n = a.shape[0]
+    return {
+        "layer_correlation": corr,
+        "layer_mean_abs_difference": np.abs(a - b).mean((0, 2)),
+        "mean_abs_difference": float(np.abs(a - b).mean()),
+        "shared_a": int(shared_a.sum()), "shared_b": int(shared_b.sum()),
+        "shared_jaccard": float((shared_a & shared_b).sum() / union) if union else 1.0,
+        "similarity_correlation": (off_diagonal_correlation(similarity(a), similarity(b)) if n >= 3 else np.nan),
+    }
+
+
+def summarize(counts: Any, tokens: Any, counts_halves: Any, tokens_halves: Any, languages: Sequence[str],
+              groups: Mapping[str, Sequence[str]], *, tau_high: float, tau_low: float, metric: str = "pearson",
+              center: bool = False, max_specific: int = 1, n_permutations: int = 10000, seed: int = 0,
+              z: float = 3.0) -> dict[str, Any]:
+    """Every analysis of one model's profile, for the notebook's figures and sentences.
+
+    groups: {grouping name: one label per language} (e.g. family, genus, script); the first is the one the
+    dendrogram is scored against. Returns frequencies, order, high/shared/specific experts, similarity,
+    linkage, agreements, split-half stability and the noise floor.
+    """
+    freq = frequencies(counts, tokens)
+    halves = frequencies(counts_halves, tokens_halves)
+    se, deff = standard_error(counts_halves, tokens_halves)
+    sim = similarity(freq, metric, center=center, tau_high=tau_high)
+    linkage = cluster(sim)
+    specific = specific_experts(freq, tau_high, tau_low, max_specific)
+    shared = shared_experts(freq, tau_high)
+    mean = freq.mean(0)
+    first = next(iter(groups))
+    half_sims = [similarity(h, metric, center=center, tau_high=tau_high) for h in halves]
+    return {
+        "languages": list(languages), "freq": freq, "halves": halves, "order": expert_order(freq),
+        "high": high_counts(freq, tau_high), "shared": shared, "specific": specific,
+        "shared_per_layer": shared.sum(-1), "specific_per_layer": specific.any(0).sum(-1),
+        "similarity": sim, "linkage": linkage,
+        "agreement": {name: family_agreement(sim, labels, n_permutations, seed) for name, labels in groups.items()},
+        "ari": cluster_agreement(linkage, groups[first]), "grouping": first,
+        "split_half": split_half_correlation(halves), "se": se, "deff": deff,
+        "beyond_noise_vs_mean": beyond_noise(freq - mean, se, z).mean((1, 2)),
+        "pairwise_beyond_noise": pairwise_beyond_noise(freq, se, z),
+        "similarity_stability": off_diagonal_correlation(*half_sims),
+        "half_agreement": [family_agreement(s, groups[first], n_permutations, seed)["gap"] for s in half_sims],
+    }
+
+
+def cross_model_findings(summaries: Mapping[str, Mapping[str, Any]], alpha: float = 0.05,
+                         n_permutations: int = 10000, seed: int = 0) -> pd.DataFrame:
+    """Which findings hold in every model: one row per finding, one column per model, and `holds in all`.
+
+    Models may differ in depth and width, so findings are stated per model (fractions, depth thirds,
+    languages) and compared; the language-similarity structures are compared with a Mantel test.
+    """
+    rows: list[dict[str, Any]] = []
+    names = list(summaries)
+
+    def row(finding: str, values: dict[str, Any], holds: bool) -> None:
+        rows.append({"finding": finding, **values, "holds in all": bool(holds)})
+
+    agree = {m: s["agreement"][s["grouping"]] for m, s in summaries.items()}
+    grouping = summaries[names[0]]["grouping"]
+    row(f"languages of one {grouping} are more similar than across (permutation p < {alpha})",
+        {m: f"gap {a['gap']:+.3f}, p = {a['p_value']:.4f}" for m, a in agree.items()},
+        all(a["p_value"] < alpha for a in agree.values()))
+    shared = {m: float(s["shared"].mean()) for m, s in summaries.items()}
+    row("experts high-frequency in every language (fraction of all experts)",
+        {m: f"{v:.1%}" for m, v in shared.items()}, all(v > 0 for v in shared.values()))
+    for key, what in (("shared_per_layer", "shared experts"), ("specific_per_layer", "language-specific experts")):
+        peaks = {m: depth_peak(s[key]) if s[key].sum() else "none" for m, s in summaries.items()}
+        same = len(set(peaks.values())) == 1 and "none" not in peaks.values()
+        row(f"{what} peak in the same third of the depth (early, middle or late layers)", peaks, same)
+    high = {m: depth_peak(s["high"].mean(0)) for m, s in summaries.items()}
+    row("high-frequency experts peak in the same third of the depth", high, len(set(high.values())) == 1)
+    outlier = {m: s["languages"][int(np.argmin((s["similarity"].sum(1) - 1)))] for m, s in summaries.items()}
+    row("the language least similar to all others", outlier, len(set(outlier.values())) == 1)
+    stable = {m: float(s["split_half"].min()) for m, s in summaries.items()}
+    row("frequencies are reproducible across paragraph halves (lowest split-half r >= 0.9)",
+        {m: f"{v:.3f}" for m, v in stable.items()}, all(v >= 0.9 for v in stable.values()))
+    if len(names) >= 2:
+        test = mantel(summaries[names[0]]["similarity"], summaries[names[1]]["similarity"], n_permutations, seed)
+        value = f"Mantel r = {test['r']:.2f}, p = {test['p_value']:.4f}"
+        row(f"the language-similarity structure agrees between {names[0]} and {names[1]} (p < {alpha})",
+            {m: value for m in names}, test["p_value"] < alpha)
+    return pd.DataFrame(rows).set_index("finding")
