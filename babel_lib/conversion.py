@@ -16,7 +16,8 @@ from babel_lib.batches import Batch
 from babel_lib.errors import BabelError
 from babel_lib.ffn import ffn_layers
 from babel_lib.hooks import hooked, site
-from babel_lib.models import LoadedModel
+from babel_lib.evaluation import lm_logits
+from babel_lib.models import LoadedModel, run_decoder
 from babel_lib.moe import ExpertMap, routed
 from babel_lib.partition import cohesion, partition_labels
 
@@ -90,7 +91,8 @@ def equivalence(lm: LoadedModel, experts: ExpertMap, batch: Batch, drop_fraction
                 seed: int = 0, rows: int = 4) -> dict[str, float]:
     """Max |logit difference| on counted tokens: converted model with every expert active vs the dense model,
     and, as a control showing the routing is live, with a random `drop_fraction` of each layer's experts dropped.
-    Runs `rows` sequences at a time, so the logits held at once stay small (Gemma's vocabulary is 262k).
+    Runs `rows` sequences at a time and the LM head on counted tokens only: Gemma's vocabulary is 262k, so
+    the head costs more than the decoder body, and padded positions would be computed for nothing.
     """
     g = torch.Generator().manual_seed(seed)
     keep = (torch.rand(experts.n_layers, experts.n_experts, generator=g) >= drop_fraction).float()
@@ -102,7 +104,7 @@ def equivalence(lm: LoadedModel, experts: ExpertMap, batch: Batch, drop_fraction
                                 for t in (batch.input_ids, batch.attention_mask, batch.count_mask))
 
         def logits():
-            return lm.model(input_ids=ids, attention_mask=attention, use_cache=False).logits[mask]
+            return lm_logits(lm.model, run_decoder(lm.model, ids, attention)[mask])
 
         dense = logits()
         result["logit_scale"] = max(result["logit_scale"], dense.abs().max().item())

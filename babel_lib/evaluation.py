@@ -34,7 +34,8 @@ class Loss:
         return math.exp(self.mean)
 
 
-def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on last hidden states (float32 at least, with the model's final soft-capping if any)."""
     logits = model.get_output_embeddings()(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -52,6 +53,6 @@ def window_loss(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
         hidden = hidden.reshape(-1, hidden.shape[-1])
         targets = ids[:, 1:].reshape(-1)
         for i in range(0, targets.numel(), chunk):
-            logp = torch.log_softmax(_logits(model, hidden[i : i + chunk]), dim=-1)
+            logp = torch.log_softmax(lm_logits(model, hidden[i : i + chunk]), dim=-1)
             total += Loss(-logp.gather(1, targets[i : i + chunk, None]).sum().item(), targets[i : i + chunk].numel())
     return total
