@@ -87,28 +87,31 @@ def layer_cohesion(lm: LoadedModel, experts: ExpertMap) -> torch.Tensor:
 
 
 @torch.no_grad()
-def equivalence(lm: LoadedModel, experts: ExpertMap, batch: Batch, drop_fraction: float = 0.5,
-                seed: int = 0, rows: int = 4) -> dict[str, float]:
+def equivalence(lm: LoadedModel, experts: ExpertMap, batches: Iterable[Batch], drop_fraction: float = 0.5,
+                seed: int = 0) -> dict[str, float]:
     """Max |logit difference| on counted tokens: converted model with every expert active vs the dense model,
     and, as a control showing the routing is live, with a random `drop_fraction` of each layer's experts dropped.
-    Runs `rows` sequences at a time and the LM head on counted tokens only: Gemma's vocabulary is 262k, so
-    the head costs more than the decoder body, and padded positions would be computed for nothing.
+    The LM head runs on counted tokens only (Gemma's vocabulary is 262k); pass small, length-sorted batches
+    (batches.paragraph_batches) to keep padding and memory low.
     """
     g = torch.Generator().manual_seed(seed)
     keep = (torch.rand(experts.n_layers, experts.n_experts, generator=g) >= drop_fraction).float()
     gates = {"all_experts": lambda layer, s: torch.ones(experts.n_experts, device=s.device),
              "dropped": lambda layer, s: keep[layer].to(s.device)}
-    result = {"all_experts": 0.0, "dropped": 0.0, "logit_scale": 0.0, "tokens": int(batch.count_mask.sum())}
-    for start in range(0, batch.input_ids.shape[0], rows):
-        ids, attention, mask = (t[start:start + rows].to(lm.device)
-                                for t in (batch.input_ids, batch.attention_mask, batch.count_mask))
+    result = {"all_experts": 0.0, "dropped": 0.0, "logit_scale": 0.0, "tokens": 0}
+    for batch in batches:
+        batch = batch.to(lm.device)
 
         def logits():
-            return lm_logits(lm.model, run_decoder(lm.model, ids, attention)[mask])
+            hidden = run_decoder(lm.model, batch.input_ids, batch.attention_mask)
+            return lm_logits(lm.model, hidden[batch.count_mask])
 
         dense = logits()
         result["logit_scale"] = max(result["logit_scale"], dense.abs().max().item())
+        result["tokens"] += int(batch.count_mask.sum())
         for name, gate in gates.items():
             with routed(lm.model, experts, gate):
                 result[name] = max(result[name], (logits() - dense).abs().max().item())
+    if not result["tokens"]:
+        raise BabelError("the equivalence check got no text token; give it at least one non-empty paragraph")
     return result

@@ -36,7 +36,7 @@ import torch
 
 from babel_lib import config
 from babel_lib.artefacts import ArtefactStore
-from babel_lib.batches import encode, pad, paragraph_batches
+from babel_lib.batches import paragraph_batches
 from babel_lib.conversion import equivalence, layer_cohesion, partition_model
 from babel_lib.corpus import load_corpus
 from babel_lib.ffn import ffn_layers
@@ -123,8 +123,8 @@ corpus = load_corpus(P.languages, split="heldout", limit=P.check_paragraphs)
 texts = [text for lang in P.languages for text in corpus[lang]]
 checks = {}
 for name, lm in models.items():
-    batch = pad(encode(lm.tokenizer, texts, max_length=128), lm.tokenizer)
-    checks[name] = equivalence(lm, experts[name], batch, drop_fraction=P.drop_fraction, seed=P.seed)
+    batches = paragraph_batches(lm.tokenizer, texts, batch_tokens=512, max_length=128)
+    checks[name] = equivalence(lm, experts[name], batches, drop_fraction=P.drop_fraction, seed=P.seed)
 pd.DataFrame(checks).T
 
 # %%

@@ -48,7 +48,7 @@ def test_converted_tiny_model_reproduces_dense_logits(tiny, model_type):
     lm = tiny(model_type)
     experts = partition_model(lm, n_experts=8, method="kmeans", iters=5)
     batch = pad(encode(lm.tokenizer, TEXTS), lm.tokenizer)
-    check = equivalence(lm, experts, batch)
+    check = equivalence(lm, experts, [batch])
     assert check["all_experts"] <= 1e-5
     assert check["dropped"] > 1e-4  # the control: routing really acts on the model
 
@@ -82,7 +82,7 @@ def test_converted_embedded_model_reproduces_dense_logits(embedded, alias):
     lm = embedded(alias)
     experts = partition_model(lm, n_experts=64, method="random")
     batch = pad(encode(lm.tokenizer, TEXTS), lm.tokenizer)
-    check = equivalence(lm, experts, batch)
+    check = equivalence(lm, experts, [batch])
     assert check["all_experts"] <= 1e-5 and check["dropped"] > 1e-3
 
 
