@@ -52,8 +52,8 @@ from babel_lib.corpus import corpus_info, load_corpus
 from babel_lib.ffn import ffn_layers
 from babel_lib.figures import caption, save_figure
 from babel_lib.models import load_model
-from babel_lib.plots.sparsity import (frequency_figure, language_figure, layer_figure, limit_figure, paper_figure,
-                                      pareto_figure, tokens_figure)
+from babel_lib.plots.sparsity import (FORM_NAME, frequency_figure, language_figure, layer_figure, limit_figure,
+                                      paper_figure, pareto_figure, tokens_figure)
 from babel_lib.scaling import DIRECTION, PAPER, fit_runs, fitted_curve, measure_checkpoints
 from babel_lib.sparsity import SparseEvaluator, score_quantiles
 
@@ -292,14 +292,14 @@ if zoo is not None:
         save_figure(fig, name, P, caption(P, "micro LLaMA family (make zoo)", table=P.zoo_table,
                                           reference="Sparsing Law published A₀ (0.1B-1.2B)"))
         fig.show()
-    NAMES = {"relu": "ReLU", "silu": "SiLU"}
     for form, group in last.groupby("activation"):
         limits = group[group["a0_identified"]]
         published = [law.a0 for (f, _), law in PAPER.items() if f == form]
-        print(f"{NAMES[form]}: at the last checkpoint ({group['max_tokens'].max():,} tokens) the PPL-1% activation ratio is {group['last_ratio'].min():.3f}-"
+        print(f"{FORM_NAME[form]}: at the last checkpoint ({group['max_tokens'].max():,} tokens) the PPL-1% "
+              f"activation ratio is {group['last_ratio'].min():.3f}-"
               f"{group['last_ratio'].max():.3f} over {len(group)} runs; it rises over training in "
               f"{int((group['trend'] > 0).sum())} of them (Spearman ρ {group['trend'].min():+.2f} to "
-              f"{group['trend'].max():+.2f}; the paper's {NAMES[form]} form "
+              f"{group['trend'].max():+.2f}; the paper's {FORM_NAME[form]} form "
               f"{'decreases' if DIRECTION[form] < 0 else 'increases'}). The fit identifies a limit A₀ in "
               f"{len(limits)} run(s)" + (f" ({limits['a0'].min():.3f}-{limits['a0'].max():.3f})" if len(limits) else "")
               + f"; the paper's A₀: {min(published):.3f}-{max(published):.3f}.")
@@ -314,7 +314,7 @@ if zoo is not None:
             if len(group) >= 3:
                 group = group.sort_values(x)
                 rho = spearmanr(group[x], group["last_ratio"]).statistic
-                print(f"{NAMES[form]} along {label} ({', '.join(f'{v:,.0f}' for v in group[x])}): last-checkpoint "
+                print(f"{FORM_NAME[form]} along {label} ({', '.join(f'{v:,.0f}' for v in group[x])}): last-checkpoint "
                       f"ratio {', '.join(f'{v:.3f}' for v in group['last_ratio'])} (Spearman ρ {rho:+.2f}).")
 
 # %% [markdown]

@@ -15,6 +15,7 @@ from babel_lib.scaling import PowerLaw
 METHOD_STYLE = {"cett": ("CETT (sweep c)", "#d62728"), "topk": ("top-k", "#1f77b4"), "fat": ("FAT-ε", "#2ca02c"),
                 "relu": ("zero threshold", "#7f7f7f")}
 FORM_COLOUR = {"relu": "#1f77b4", "silu": "#d62728"}
+FORM_NAME = {"relu": "ReLU", "silu": "SiLU"}
 
 
 def pareto_figure(points: Mapping[str, pd.DataFrame], dense: Mapping[str, float],
@@ -107,22 +108,25 @@ def _palette(i: int) -> str:
 
 def tokens_figure(table: pd.DataFrame, fits: pd.DataFrame, curves: Mapping[str, PowerLaw], unit: float,
                   unit_name: str) -> go.Figure:
-    """Activation ratio over training tokens per run (markers) with its fitted power law (line); ReLU | SiLU."""
+    """Activation ratio over training tokens per run (markers) with its fitted power law: a solid line where
+    the fit identifies a limit A₀, dotted where it does not (scaling.fit_runs); ReLU | SiLU."""
     forms = [f for f in ("relu", "silu") if f in set(fits["activation"])]
-    fig = make_subplots(rows=1, cols=len(forms), subplot_titles=[f"{f.upper()} runs" for f in forms])
+    fig = make_subplots(rows=1, cols=len(forms), subplot_titles=[f"{FORM_NAME[f]} runs" for f in forms])
     for col, form in enumerate(forms, start=1):
         runs = fits[fits["activation"] == form].sort_values(["params", "width_depth"])
-        for i, run in enumerate(runs["run"]):
+        for i, (run, identified) in enumerate(zip(runs["run"], runs["a0_identified"])):
             data = table[table["run"] == run].sort_values("tokens")
             colour = _palette(i)
             fig.add_trace(go.Scatter(x=data["tokens"] / unit, y=data["activation_ratio"], mode="markers", name=run,
                                      legendgroup=run, marker={"color": colour}), row=1, col=col)
             grid = np.geomspace(data["tokens"].min(), data["tokens"].max(), 100)
             fig.add_trace(go.Scatter(x=grid / unit, y=curves[run](grid), mode="lines", legendgroup=run,
-                                     showlegend=False, line={"color": colour}), row=1, col=col)
+                                     showlegend=False, line={"color": colour, "dash": "solid" if identified else "dot"}),
+                          row=1, col=col)
         fig.update_xaxes(title_text=f"training tokens ({unit_name})", type="log", row=1, col=col)
     fig.update_yaxes(title_text="activation ratio at PPL-p%", row=1, col=1)
-    fig.update_layout(title="Activation ratio over training: fitted Sparsing-Law power laws")
+    fig.update_layout(title="Activation ratio over training with the paper's fitted forms "
+                            "(dotted: the fit identifies no limit A₀)")
     return fig
 
 
@@ -135,15 +139,15 @@ def limit_figure(fits: pd.DataFrame, x: str, x_title: str, paper: Mapping[tuple[
         group = group.sort_values(x)
         colour = FORM_COLOUR[form]
         fig.add_trace(go.Scatter(x=group[x], y=group["last_ratio"], mode="markers+text", text=group["run"],
-                                 name=f"{form.upper()}: last checkpoint", textposition="top center",
+                                 name=f"{FORM_NAME[form]}: last checkpoint", textposition="top center",
                                  textfont={"size": 9}, marker={"color": colour, "size": 10}))
         limits = group[group["a0_identified"]]
         if len(limits):
-            fig.add_trace(go.Scatter(x=limits[x], y=limits["a0"], mode="markers", name=f"{form.upper()}: fitted A₀",
+            fig.add_trace(go.Scatter(x=limits[x], y=limits["a0"], mode="markers", name=f"{FORM_NAME[form]}: fitted A₀",
                                      marker={"color": colour, "size": 12, "symbol": "circle-open"}))
         published = [law.a0 for (f, _), law in paper.items() if f == form]
         fig.add_hrect(y0=min(published), y1=max(published), fillcolor=colour, opacity=0.12, line_width=0,
-                      annotation_text=f"paper {form.upper()} A₀ (0.1B-1.2B)", annotation_position="top left")
+                      annotation_text=f"paper {FORM_NAME[form]} A₀ (0.1B-1.2B)", annotation_position="top left")
     fig.update_xaxes(title_text=x_title, type="log")
     fig.update_yaxes(title_text="PPL-1% activation ratio", rangemode="tozero")
     fig.update_layout(title=f"Activation ratio against {x_title}: last checkpoint and fitted limit A₀")
