@@ -14,3 +14,12 @@ def machine_name(device: torch.device) -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
+
+
+def write_table(name: str, lines: list[str]) -> Path:
+    """Write a result table to benchmarks/results/<name>.md and say where."""
+    out = Path(__file__).parent / "results" / f"{name}.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"\nwritten to {out}")
+    return out

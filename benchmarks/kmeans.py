@@ -9,15 +9,13 @@ time on the CPU and synchronised wall time on CUDA.
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from babel_lib.partition import balanced_kmeans, expert_sizes, inertia, partition_labels
-from benchmarks.common import machine_name
+from benchmarks.common import machine_name, write_table
 
-RESULTS = Path(__file__).parent / "results"
 # (n, d, k, data): small to the largest that k-means-constrained (n_init=10) finishes in about a minute.
 CPU_PROBLEMS = [
     (240, 16, 8, "clustered"), (240, 16, 8, "isotropic"),
@@ -128,10 +126,7 @@ def main() -> None:
               f"Machine: {name}; torch {torch.__version__}; {args.threads} CPU thread(s); times are {clock}.", ""]
     print("\n".join(header), flush=True)
     rows = full_layer(device, args.iters, args.runs, args.warmup) if args.full else compare_cpu(args.iters)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"kmeans-{device.type}{'-full' if args.full else ''}.md"
-    out.write_text("\n".join(header + rows) + "\n")
-    print(f"\nwritten to {out}")
+    write_table(f"kmeans-{device.type}{'-full' if args.full else ''}", header + rows)
 
 
 if __name__ == "__main__":

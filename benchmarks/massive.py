@@ -14,15 +14,13 @@ scan costs.
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from babel_lib.massive import scan_residuals
 from babel_lib.models import run_decoder
-from benchmarks.common import machine_name
+from benchmarks.common import machine_name, write_table
 
-RESULTS = Path(__file__).parent / "results"
 SHAPES = {"llama2-7b": (8, 1024), "llama-small": (4, 256), "embedded": (4, 128)}  # default (batch, seq_len)
 LLAMA = {  # (layers, hidden, FFN width, heads)
     "llama2-7b": (32, 4096, 11008, 32),
@@ -140,10 +138,7 @@ def main() -> None:
         new = table_rows(label, measure(model, ids, device, args.runs, args.warmup, args.top_k), batch * seq_len)
         print("\n".join(new), flush=True)
         rows += new
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"massive-{device.type}{'-llama-small' if args.shape == 'llama-small' else ''}.md"
-    out.write_text("\n".join(header + rows) + "\n")
-    print(f"\nwritten to {out}")
+    write_table(f"massive-{device.type}{'-llama-small' if args.shape == 'llama-small' else ''}", header + rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,9 +23,8 @@ from babel_lib.models import run_decoder
 from babel_lib.moe import ExpertMap
 from babel_lib.partition import partition_labels
 from babel_lib.profiler import ExpertProfiler
-from benchmarks.common import machine_name
+from benchmarks.common import machine_name, write_table
 
-RESULTS = Path(__file__).parent / "results"
 LLAMA = {  # LlamaConfig keywords, and the batch to time
     "llama2-7b": ({"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}, (8, 1024)),
@@ -232,11 +230,7 @@ def main() -> None:
                     print(f"\n{label}\n{kernel_table(prof, [b.to(device) for b in batches])}", flush=True)
         lines += section + [""]
         del model, profilers
-    text = "\n".join(lines)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"profile-{device.type}{'-' + args.shape if args.shape == 'llama-small' else ''}.md"
-    out.write_text(text + "\n")
-    print(f"\nwritten to {out}")
+    write_table(f"profile-{device.type}{'-' + args.shape if args.shape == 'llama-small' else ''}", lines)
 
 
 if __name__ == "__main__":
