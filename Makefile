@@ -33,13 +33,13 @@ $(VENV)/.setup-done: pyproject.toml scripts/setup-system.sh
 
 ## models: dequantise the embedded GGUF models into the cache once (seconds when already cached)
 models: setup
-	$(PY) -m babel_lib.models prepare
+	$(PY) -m babel_lib.core.models prepare
 
 ## data: rebuild data/libreoffice-help from the recorded Debian packages; data-check: compare byte for byte
 data: setup
-	$(PY) -m babel_lib.corpus_build
+	$(PY) -m babel_lib.data.build
 data-check: setup
-	$(PY) -m babel_lib.corpus_build --check
+	$(PY) -m babel_lib.data.build --check
 
 ## figures: execute the notebooks in order (jupytext -> papermill), each reading the previous one's artefacts
 figures: $(EXECUTED)
@@ -63,11 +63,11 @@ $(BUILD)/04_sparsity_scaling.ipynb: $(BUILD)/03_massive_activations.ipynb
 ZOO_TABLE := $(if $(filter default gpu,$(PROFILE)),data/zoo/zoo.csv,build/$(PROFILE)/zoo/zoo.csv)
 ZOO_JOBS ?= $(if $(filter smoke,$(PROFILE)),1,4)
 zoo: setup
-	$(PY) -m babel_lib.zoo prepare --profile $(PROFILE)
-	$(PY) -m babel_lib.zoo train --profile $(PROFILE) --jobs $(ZOO_JOBS)
-	$(PY) -m babel_lib.zoo table --profile $(PROFILE)
+	$(PY) -m babel_lib.sparsing.zoo prepare --profile $(PROFILE)
+	$(PY) -m babel_lib.sparsing.zoo train --profile $(PROFILE) --jobs $(ZOO_JOBS)
+	$(PY) -m babel_lib.sparsing.zoo table --profile $(PROFILE)
 
-build/smoke/zoo/zoo.csv: babel_lib/zoo.py babel_lib/sparsity.py configs/smoke.yaml | setup
+build/smoke/zoo/zoo.csv: babel_lib/sparsing/zoo.py babel_lib/sparsing/sparsity.py configs/smoke.yaml | setup
 	$(MAKE) zoo PROFILE=smoke
 $(BUILD)/04_sparsity_scaling.ipynb: $(ZOO_TABLE)
 

@@ -25,6 +25,6 @@ profile = "default"  # configs/<profile>.yaml; the frequencies of that run are s
 model = ""  # empty: the profile's models; else the model name (or comma-separated list) of the run
 
 # %%
-from babel_lib.explorer import explorer_app
+from babel_lib.babel.explorer import explorer_app
 
 explorer_app(profile, model)

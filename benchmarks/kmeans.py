@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from babel_lib.partition import balanced_kmeans, expert_sizes, inertia, partition_labels
+from babel_lib.babel.partition import balanced_kmeans, expert_sizes, inertia, partition_labels
 from benchmarks.common import machine_name, write_table
 
 # (n, d, k, data): small to the largest that k-means-constrained (n_init=10) finishes in about a minute.

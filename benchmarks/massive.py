@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from babel_lib.massive import scan_residuals
-from babel_lib.models import run_decoder
+from babel_lib.massive.scan import scan_residuals
+from babel_lib.core.models import run_decoder
 from benchmarks.common import machine_name, write_table
 
 SHAPES = {"llama2-7b": (8, 1024), "llama-small": (4, 256), "embedded": (4, 128)}  # default (batch, seq_len)
@@ -46,7 +46,7 @@ def llama(shape: str, device: torch.device) -> tuple[str, torch.nn.Module]:
 
 def embedded(device: torch.device) -> list[tuple[str, torch.nn.Module]]:
     """The two embedded models as load_model gives them (float32 on the CPU)."""
-    from babel_lib.models import load_model
+    from babel_lib.core.models import load_model
 
     out = []
     for name in ("gemma-3-270m", "smollm2-135m"):

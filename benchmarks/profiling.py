@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from babel_lib.batches import Batch
-from babel_lib.ffn import ffn_layers
-from babel_lib.models import run_decoder
-from babel_lib.moe import ExpertMap
-from babel_lib.partition import partition_labels
-from babel_lib.profiler import ExpertProfiler
+from babel_lib.core.batches import Batch
+from babel_lib.core.ffn import ffn_layers
+from babel_lib.core.models import run_decoder
+from babel_lib.babel.moe import ExpertMap
+from babel_lib.babel.partition import partition_labels
+from babel_lib.babel.profiler import ExpertProfiler
 from benchmarks.common import machine_name, write_table
 
 LLAMA = {  # LlamaConfig keywords, and the batch to time
@@ -77,9 +77,9 @@ def llama_model(shape: str, device: torch.device):
 
 def embedded_model(alias: str, n_paragraphs: int, batch_tokens: int):
     """(model, batches): an embedded model and batches of real paragraphs from every corpus language."""
-    from babel_lib.batches import paragraph_batches
-    from babel_lib.corpus import load_corpus
-    from babel_lib.models import load_model
+    from babel_lib.core.batches import paragraph_batches
+    from babel_lib.data.corpus import load_corpus
+    from babel_lib.core.models import load_model
 
     lm = load_model(alias, "cpu", "float32")
     corpus = load_corpus(split="calibration")

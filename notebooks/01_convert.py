@@ -34,15 +34,15 @@ model = ""
 import pandas as pd
 import torch
 
-from babel_lib import config
-from babel_lib.artefacts import ArtefactStore
-from babel_lib.batches import paragraph_batches
-from babel_lib.conversion import equivalence, layer_cohesion, partition_model
-from babel_lib.corpus import load_corpus
-from babel_lib.ffn import ffn_layers
-from babel_lib.figures import caption, save_figure
-from babel_lib.models import load_model
-from babel_lib.plots.convert import cohesion_figure, equivalence_figure
+from babel_lib.core import config
+from babel_lib.core.artefacts import ArtefactStore
+from babel_lib.core.batches import paragraph_batches
+from babel_lib.babel.conversion import equivalence, layer_cohesion, partition_model
+from babel_lib.data.corpus import load_corpus
+from babel_lib.core.ffn import ffn_layers
+from babel_lib.core.figures import caption, save_figure
+from babel_lib.core.models import load_model
+from babel_lib.babel.plots import cohesion_figure, equivalence_figure
 
 P = config.notebook_params("01_convert", profile, model)
 config.apply_runtime(P)
@@ -52,7 +52,7 @@ pd.Series({k: v for k, v in P.items()}).to_frame("value")
 # %% [markdown]
 # ## The models and their feed-forward layers
 #
-# The FFN adapter (`babel_lib.ffn`) knows, per architecture, where each layer's FFN is, whether it is gated,
+# The FFN adapter (`babel_lib.core.ffn`) knows, per architecture, where each layer's FFN is, whether it is gated,
 # and which module receives the neuron activation (the down projection's input).
 
 # %%

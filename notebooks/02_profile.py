@@ -25,7 +25,7 @@
 # activated experts are the layer's top `ratio` fraction by score (`rule: topk`; `zscore` is the paper's v1
 # cross-layer rule, `threshold` an absolute one). The frequency f[language, layer, expert] is the share of that
 # language's text tokens on which the expert is activated; BOS, padding and special tokens never count. The
-# profiler (`babel_lib.profiler`) keeps only counters on the device: no token-level activation is stored and
+# profiler (`babel_lib.babel.profiler`) keeps only counters on the device: no token-level activation is stored and
 # the LM head never runs. Even and odd paragraphs are counted separately in the same pass, which gives the
 # stability check at the end for free.
 #
@@ -43,21 +43,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from babel_lib import config
-from babel_lib.analysis import (compare_variants, cross_model_findings, dendrogram, expert_ids, frequencies,
+from babel_lib.core import config
+from babel_lib.babel.analysis import (compare_variants, cross_model_findings, dendrogram, expert_ids, frequencies,
                                 reorder, spearman_brown, summarize)
-from babel_lib.artefacts import ArtefactStore, write_json
-from babel_lib.batches import paragraph_batches
-from babel_lib.conversion import partition_model, partition_params
-from babel_lib.corpus import load_corpus
-from babel_lib.explorer import Explorer, load_frequencies
-from babel_lib.figures import caption, save_figure
-from babel_lib.languages import language
-from babel_lib.models import load_model
-from babel_lib.plots.profile import (dendrograms, difference_grid, frequency_explorer, frequency_grid,
+from babel_lib.core.artefacts import ArtefactStore, write_json
+from babel_lib.core.batches import paragraph_batches
+from babel_lib.babel.conversion import partition_model, partition_params
+from babel_lib.data.corpus import load_corpus
+from babel_lib.babel.explorer import Explorer, load_frequencies
+from babel_lib.core.figures import caption, save_figure
+from babel_lib.data.languages import language
+from babel_lib.core.models import load_model
+from babel_lib.babel.plots import (dendrograms, difference_grid, frequency_explorer, frequency_grid,
                                      high_frequency_layers, model_comparison, shared_specific_layers,
                                      similarity_matrices, stability, variant_comparison)
-from babel_lib.profiler import cached_profile
+from babel_lib.babel.profiler import cached_profile
 
 P = config.notebook_params("02_profile", profile, model)
 config.apply_runtime(P)
@@ -121,7 +121,7 @@ pd.DataFrame({name: {"layers": m["expert_counts"].shape[1], "experts per layer":
 # %% [markdown]
 # ## The analyses
 #
-# Everything below is computed from the counts by `babel_lib.analysis`. An expert is **high-frequency** in a
+# Everything below is computed from the counts by `babel_lib.babel.analysis`. An expert is **high-frequency** in a
 # language when f ≥ `tau_high`; **shared** when it is high-frequency in every language; **specific** to a
 # language when it is high-frequency there (and in at most `max_specific` languages) and below `tau_low` in
 # every other language. Standard errors come from the two paragraph halves (a binomial variance scaled by

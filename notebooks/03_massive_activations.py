@@ -22,7 +22,7 @@
 #
 # **Definition used here** (the paper's): an entry h of a decoder block's output is a massive activation when
 # |h| > `magnitude` (100) **and** |h| ≥ `ratio` (1000) × the median of |h| over all tokens × features of that
-# sequence at that layer. The scan (`babel_lib.massive`) hooks every block output and keeps, per sequence and
+# sequence at that layer. The scan (`babel_lib.massive.scan`) hooks every block output and keeps, per sequence and
 # layer and on the device, the `top_k` largest |h| with their token position and feature dimension, plus the
 # median; no hidden state is stored. Sequences are equal-length windows cut from the parallel corpus, each
 # starting at a paragraph, so no padding enters the median.
@@ -42,17 +42,17 @@ import math
 import pandas as pd
 import torch
 
-from babel_lib import config
-from babel_lib.artefacts import ArtefactStore
-from babel_lib.batches import adds_bos, encode
-from babel_lib.corpus import corpus_info, load_corpus
-from babel_lib.figures import caption, save_figure
-from babel_lib.massive import (CONDITIONS, Scan, attention_mass, between_within, constancy, group_dims,
+from babel_lib.core import config
+from babel_lib.core.artefacts import ArtefactStore
+from babel_lib.core.batches import adds_bos, encode
+from babel_lib.data.corpus import corpus_info, load_corpus
+from babel_lib.core.figures import caption, save_figure
+from babel_lib.massive.scan import (CONDITIONS, Scan, attention_mass, between_within, constancy, group_dims,
                                head_averaged_attention, intervention_nll, language_windows, locate, measure_means,
                                paragraph_windows, perplexity, reference_layer, residual_at, scan_residuals,
                                summarise, target_values, targets_from, token_kinds, token_texts, uniform_mass)
-from babel_lib.models import load_model
-from babel_lib.plots.massive import (attention_heatmaps, attention_mass_figure, constancy_figure, language_figure,
+from babel_lib.core.models import load_model
+from babel_lib.massive.plots import (attention_heatmaps, attention_mass_figure, constancy_figure, language_figure,
                                      layerwise_figure, perplexity_figure, surface_figure)
 
 P = config.notebook_params("03_massive_activations", profile, model)

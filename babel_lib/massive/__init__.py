@@ -1,0 +1,1 @@
+"""Massive Activations in LLMs: the residual-stream scan, location, interventions and attention."""

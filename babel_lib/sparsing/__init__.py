@@ -1,0 +1,1 @@
+"""Sparsing Law: CETT and PPL-p% activation sparsity, power-law fits, and the micro model family."""

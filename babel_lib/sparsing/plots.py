@@ -1,0 +1,168 @@
+"""Figures of notebook 04_sparsity_scaling: Pareto curves, PPL-p% sparsity per layer and language, neuron
+activation frequencies, and the activation-ratio scaling of the micro family. Each takes arrays, returns a figure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from babel_lib.sparsing.scaling import PowerLaw
+
+METHOD_STYLE = {"cett": ("CETT (sweep c)", "#d62728"), "topk": ("top-k", "#1f77b4"), "fat": ("FAT-ε", "#2ca02c"),
+                "relu": ("zero threshold", "#7f7f7f")}
+FORM_COLOUR = {"relu": "#1f77b4", "silu": "#d62728"}
+FORM_NAME = {"relu": "ReLU", "silu": "SiLU"}
+
+
+def pareto_figure(points: Mapping[str, pd.DataFrame], dense: Mapping[str, float],
+                  chosen: Mapping[str, tuple[float, float]], ceiling: float = 1.5) -> go.Figure:
+    """Perplexity against activation ratio per method, one panel per model.
+
+    points[model]: rows (method, activation_ratio, perplexity); dense[model]: dense perplexity;
+    chosen[model]: (activation ratio, perplexity) of the PPL-p% point. The y axis stops at `ceiling` × the
+    dense perplexity (points above it, at high sparsity, leave the plot; hover the HTML to read them).
+    """
+    models = list(points)
+    fig = make_subplots(rows=1, cols=len(models), subplot_titles=models)
+    for col, model in enumerate(models, start=1):
+        for method, group in points[model].groupby("method", sort=False):
+            group = group.sort_values("activation_ratio")
+            label, colour = METHOD_STYLE[method]
+            fig.add_trace(go.Scatter(x=group["activation_ratio"], y=group["perplexity"], mode="lines+markers",
+                                     name=label, legendgroup=method, showlegend=col == 1, line={"color": colour}),
+                          row=1, col=col)
+        fig.add_trace(go.Scatter(x=[0, 1], y=[dense[model]] * 2, mode="lines", name="dense model",
+                                 legendgroup="dense", showlegend=col == 1, line={"color": "black", "dash": "dot"}),
+                      row=1, col=col)
+        ratio, ppl = chosen[model]
+        fig.add_trace(go.Scatter(x=[ratio], y=[ppl], mode="markers", marker={"symbol": "star", "size": 14,
+                                 "color": "black"}, name="PPL-p% (CETT)", legendgroup="chosen", showlegend=col == 1),
+                      row=1, col=col)
+        fig.update_xaxes(title_text="activation ratio (1 − sparsity)", range=[0, 1.02], row=1, col=col)
+        fig.update_yaxes(range=[0.98 * dense[model], ceiling * dense[model]], row=1, col=col)
+    fig.update_yaxes(title_text="perplexity", row=1, col=1)
+    fig.update_layout(title="Perplexity against activation ratio: CETT vs top-k vs FAT-ε")
+    return fig
+
+
+def layer_figure(layer_ratio: Mapping[str, np.ndarray]) -> go.Figure:
+    """Activation ratio per layer at PPL-p%, one line per model over relative depth."""
+    fig = go.Figure()
+    for model, ratio in layer_ratio.items():
+        ratio = np.asarray(ratio)
+        depth = np.arange(len(ratio)) / max(len(ratio) - 1, 1)
+        fig.add_trace(go.Scatter(x=depth, y=ratio, mode="lines+markers", name=model,
+                                 text=[f"layer {i}" for i in range(len(ratio))]))
+    fig.update_xaxes(title_text="relative depth (layer / (n_layers − 1))")
+    fig.update_yaxes(title_text="activation ratio", rangemode="tozero")
+    fig.update_layout(title="Activation ratio per layer at PPL-p%")
+    return fig
+
+
+def language_figure(table: pd.DataFrame) -> go.Figure:
+    """Per language: activation ratio (top) and perplexity ratio (bottom) at the pooled PPL-p% c, per model.
+
+    table rows: model, language, activation_ratio, ppl_ratio.
+    """
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
+    for i, (model, group) in enumerate(table.groupby("model", sort=False)):
+        colour = _palette(i)
+        fig.add_trace(go.Bar(x=group["language"], y=group["activation_ratio"], name=model, legendgroup=model,
+                             marker_color=colour), row=1, col=1)
+        fig.add_trace(go.Bar(x=group["language"], y=group["ppl_ratio"] - 1, base=1, name=model, legendgroup=model,
+                             showlegend=False, marker_color=colour), row=2, col=1)
+    fig.update_yaxes(title_text="activation ratio", row=1, col=1)
+    fig.update_yaxes(title_text="perplexity ratio (bars from 1)", row=2, col=1)
+    fig.update_layout(title="Sparsity and its cost per language at one CETT value", barmode="group")
+    return fig
+
+
+def frequency_figure(frequencies: Mapping[str, Mapping[str, np.ndarray]], points: int = 200) -> go.Figure:
+    """ECDF of per-neuron activation frequency (all layers pooled), one line per language, one panel per model.
+
+    frequencies[model][language]: activation frequency of every neuron, [n_neurons].
+    """
+    models = list(frequencies)
+    fig = make_subplots(rows=1, cols=len(models), subplot_titles=models, shared_yaxes=True)
+    levels = np.linspace(0, 1, points)
+    for col, model in enumerate(models, start=1):
+        for i, (language, freq) in enumerate(frequencies[model].items()):
+            values = np.quantile(np.asarray(freq), levels)
+            fig.add_trace(go.Scatter(x=values, y=levels, mode="lines", name=language, legendgroup=language,
+                                     showlegend=col == 1, line={"color": _palette(i)}), row=1, col=col)
+        fig.update_xaxes(title_text="neuron activation frequency", range=[0, 1], row=1, col=col)
+    fig.update_yaxes(title_text="share of neurons (ECDF)", row=1, col=1)
+    fig.update_layout(title="Neuron activation frequency distributions per language at PPL-p% thresholds")
+    return fig
+
+
+def _palette(i: int) -> str:
+    colours = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354")
+    return colours[i % len(colours)]
+
+
+def tokens_figure(table: pd.DataFrame, fits: pd.DataFrame, curves: Mapping[str, PowerLaw], unit: float,
+                  unit_name: str) -> go.Figure:
+    """Activation ratio over training tokens per run (markers) with its fitted power law: a solid line where
+    the fit identifies a limit A₀, dotted where it does not (scaling.fit_runs); ReLU | SiLU."""
+    forms = [f for f in ("relu", "silu") if f in set(fits["activation"])]
+    fig = make_subplots(rows=1, cols=len(forms), subplot_titles=[f"{FORM_NAME[f]} runs" for f in forms])
+    for col, form in enumerate(forms, start=1):
+        runs = fits[fits["activation"] == form].sort_values(["params", "width_depth"])
+        for i, (run, identified) in enumerate(zip(runs["run"], runs["a0_identified"])):
+            data = table[table["run"] == run].sort_values("tokens")
+            colour = _palette(i)
+            fig.add_trace(go.Scatter(x=data["tokens"] / unit, y=data["activation_ratio"], mode="markers", name=run,
+                                     legendgroup=run, marker={"color": colour}), row=1, col=col)
+            grid = np.geomspace(data["tokens"].min(), data["tokens"].max(), 100)
+            fig.add_trace(go.Scatter(x=grid / unit, y=curves[run](grid), mode="lines", legendgroup=run,
+                                     showlegend=False, line={"color": colour, "dash": "solid" if identified else "dot"}),
+                          row=1, col=col)
+        fig.update_xaxes(title_text=f"training tokens ({unit_name})", type="log", row=1, col=col)
+    fig.update_yaxes(title_text="activation ratio at PPL-p%", row=1, col=1)
+    fig.update_layout(title="Activation ratio over training with the paper's fitted forms "
+                            "(dotted: the fit identifies no limit A₀)")
+    return fig
+
+
+def limit_figure(fits: pd.DataFrame, x: str, x_title: str, paper: Mapping[tuple[str, str], PowerLaw]) -> go.Figure:
+    """Per run (labelled), against `x` (width_depth or params), ReLU vs SiLU: the activation ratio measured at
+    the last checkpoint (filled) and the fitted limit A₀ where the fit identifies one (open); the paper's A₀
+    range per activation as a shaded reference band."""
+    fig = go.Figure()
+    for form, group in fits.groupby("activation", sort=True):
+        group = group.sort_values(x)
+        colour = FORM_COLOUR[form]
+        fig.add_trace(go.Scatter(x=group[x], y=group["last_ratio"], mode="markers+text", text=group["run"],
+                                 name=f"{FORM_NAME[form]}: last checkpoint", textposition="top center",
+                                 textfont={"size": 9}, marker={"color": colour, "size": 10}))
+        limits = group[group["a0_identified"]]
+        if len(limits):
+            fig.add_trace(go.Scatter(x=limits[x], y=limits["a0"], mode="markers", name=f"{FORM_NAME[form]}: fitted A₀",
+                                     marker={"color": colour, "size": 12, "symbol": "circle-open"}))
+        published = [law.a0 for (f, _), law in paper.items() if f == form]
+        fig.add_hrect(y0=min(published), y1=max(published), fillcolor=colour, opacity=0.12, line_width=0,
+                      annotation_text=f"paper {FORM_NAME[form]} A₀ (0.1B-1.2B)", annotation_position="top left")
+    fig.update_xaxes(title_text=x_title, type="log")
+    fig.update_yaxes(title_text="PPL-1% activation ratio", rangemode="tozero")
+    fig.update_layout(title=f"Activation ratio against {x_title}: last checkpoint and fitted limit A₀")
+    return fig
+
+
+def paper_figure(paper: Mapping[tuple[str, str], PowerLaw], tokens: Sequence[float]) -> go.Figure:
+    """The paper's published curves (reference): activation ratio over tokens (billions) per scale; ReLU | SiLU."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["ReLU (paper)", "SiLU (paper)"])
+    grid = np.asarray(tokens, dtype=float)
+    for col, form in enumerate(("relu", "silu"), start=1):
+        for i, ((f, scale), law) in enumerate((k, v) for k, v in paper.items() if k[0] == form):
+            fig.add_trace(go.Scatter(x=grid / 1e9, y=law(grid), mode="lines", name=scale, legendgroup=scale,
+                                     showlegend=col == 1, line={"color": _palette(i)}), row=1, col=col)
+        fig.update_xaxes(title_text="training tokens (billions)", type="log", row=1, col=col)
+    fig.update_yaxes(title_text="activation ratio", row=1, col=1)
+    fig.update_layout(title="Reference: Sparsing Law's fitted curves with the published constants")
+    return fig

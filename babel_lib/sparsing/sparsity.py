@@ -1,0 +1,499 @@
+"""Activation sparsity (Sparsing Law): CETT thresholds, PPL-p%, and the top-k / FAT-ε / zero baselines.
+
+A neuron i of an FFN contributes n_i = h_i · W_out[:, i] to the layer output, where h is the input of the
+down projection (site `mlp.hook_post`), so ‖n_i‖ = |h_i| · ‖W_out[:, i]‖. For a threshold ε the skipped set
+is D = {i : ‖n_i‖ < ε} and CETT(ε) = ‖Σ_{i∈D} n_i‖ / ‖Σ_i n_i‖, per token, averaged over counted tokens.
+One CETT value c is shared by all layers; layer l gets the threshold t_l where its CETT crosses c.
+
+Exact threshold search (`CettCurve`, `layer_thresholds`): CETT(ε) is a step function that changes only at
+the values of ‖n_i‖, so the search runs over the sorted union of those values across tokens (M = tokens ×
+d_ff candidates), with no grid. Bisection keeps a candidate with CETT ≤ c below and one with CETT > c above
+until the bracket spans at most `CettCurve.SCAN` (token, neuron) pairs; a scan then adds those pairs one by
+one to their token's partial sum, which gives CETT exactly at every candidate inside, and t_l is the largest
+of them with CETT ≤ c. So CETT(t_l) ≤ c < CETT(next candidate). Cost per layer: one sort of M values,
+about log2(M / SCAN) CETT evaluations (each a [tokens, d_ff] × [d_ff, d_model] matmul) and a scan of
+SCAN × d_model; memory O(M), the layer's activations, which exist anyway. CETT is the norm of a vector sum
+and is not strictly monotone (adding a vector can shorten a sum; on random Gaussian data about 15 % of
+single steps go down): where it is monotone, or where M ≤ SCAN, t_l is the largest ε with CETT(ε) ≤ c;
+elsewhere it is an exact crossing of c. Search points are memoised per batch and layer, so a later c on the
+same batch starts from a tighter bracket.
+
+PPL-p% (`ppl_p`) bisects c in [0, 1] until the perplexity ratio exp(L_sparse − L_dense) is within `tol` of
+1 + p/100. As in the paper's reference code, each batch's thresholds are derived from that batch's dense
+activations (a decoder pass without the LM head), then applied in a second, sparse pass that measures
+the loss and the activation ratio.
+
+Baselines (`sparsified`): top-k keeps the k = round(value · d_ff) largest |s_i| per token, FAT-ε skips
+|s_i| < ε with one ε for all layers, and "relu" skips s_i = 0, where s is the gate activation act(W_gate x)
+of a gated FFN (site `mlp.hook_gate`) and h itself for a plain FFN, as in the paper. Every method zeroes
+the skipped h_i before the down projection and counts active neurons on the device in the same pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from babel_lib.errors import BabelError
+from babel_lib.core.evaluation import Loss, window_loss
+from babel_lib.core.ffn import FFN, ffn_layers
+from babel_lib.core.hooks import hooked, site
+from babel_lib.core.models import LoadedModel, run_decoder
+
+METHODS = ("cett", "topk", "fat", "relu")
+
+
+# --- CETT on one layer's activations -------------------------------------------------------------------
+
+
+def neuron_norms(h: torch.Tensor, down_columns: torch.Tensor) -> torch.Tensor:
+    """‖n_i‖ = |h_i| · ‖W_out[:, i]‖ for activations h [tokens, d_ff] and W_out columns as rows [d_ff, d_model]."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    return h.to(dtype).abs() * down_columns.to(dtype).norm(dim=1)
+
+
+def cett(h: torch.Tensor, down_columns: torch.Tensor, eps: float) -> float:
+    """CETT(ε): the mean over tokens of ‖Σ_{‖n_i‖<ε} n_i‖ / ‖Σ_i n_i‖ (tokens with zero FFN output count 0)."""
+    return CettCurve(h, down_columns).at_value(eps)[0]
+
+
+class CettCurve:
+    """CETT of one layer's activations h [tokens, d_ff] as a function of the threshold, searched exactly.
+
+    Candidates are the sorted values of ‖n_i‖ (index j stands for ε = values[j]; j = M for ε = +inf). `known`
+    memoises CETT at candidate indices; passing the same dict for the same activations (the same batch at
+    another c) starts the search from a tighter bracket. It is cleared if the activations differ.
+    """
+
+    SCAN = 1024  # a bracket spanning at most this many (token, neuron) pairs is scanned pair by pair
+
+    def __init__(self, h: torch.Tensor, down_columns: torch.Tensor, known: dict | None = None):
+        if h.ndim != 2 or h.shape[1] != down_columns.shape[0]:
+            raise BabelError(f"activations {tuple(h.shape)} do not match down-projection columns "
+                             f"{tuple(down_columns.shape)}; pass h as [tokens, d_ff] and W_out columns as [d_ff, d_model]")
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        self.h, self.w = h.to(dtype), down_columns.to(dtype)
+        self.norms = neuron_norms(self.h, self.w)
+        self.total = (self.h @ self.w).norm(dim=1)
+        self.live = self.total > 0
+        self.values, self.order = self.norms.flatten().sort()
+        self.size = self.values.numel()
+        self._partials: dict[int, torch.Tensor] = {}
+        self.known = {} if known is None else known
+        signature = (self.size, float(self.values.double().sum()))  # the memo belongs to these activations
+        if self.known.get("signature", signature) != signature:
+            self.known.clear()
+        self.known["signature"] = signature
+        self.known.setdefault(0, 0.0)  # nothing lies strictly below the smallest value
+        self.known.setdefault(self.size, float(self.live.double().mean()) if self.size else 0.0)
+
+    def at_value(self, eps: float) -> tuple[float, torch.Tensor]:
+        """CETT(ε) and the per-token partial sums Σ_{‖n_i‖<ε} n_i [tokens, d_model]."""
+        part = (self.h * (self.norms < eps)) @ self.w
+        ratio = torch.where(self.live, part.norm(dim=1) / torch.where(self.live, self.total, 1.0), 0.0)
+        return (float(ratio.double().mean()) if ratio.numel() else 0.0), part
+
+    def at(self, j: int) -> float:
+        """CETT at candidate j, memoised in `known` (its partial sums kept for a scan that starts there)."""
+        if j not in self.known:
+            self.known[j], self._partials[j] = self.at_value(float(self.values[j]))
+        return self.known[j]
+
+    def _first(self, j: int) -> int:
+        """The first sorted position holding values[j] (ties share one CETT value); M for M."""
+        return j if j == self.size else int(torch.searchsorted(self.values, self.values[j]))
+
+    def threshold(self, c: float) -> float:
+        """The largest candidate ε with CETT(ε) ≤ c < CETT(next candidate), found by bisection then a scan."""
+        if not 0.0 <= c <= 1.0:
+            raise BabelError(f"CETT value {c} is outside [0, 1]; pass a fraction such as 0.2")
+        if self.known[self.size] <= c:
+            return math.inf
+        points = [(j, v) for j, v in self.known.items() if isinstance(j, int)]
+        lo = max(j for j, v in points if v <= c and j < self.size)
+        hi = min(j for j, v in points if v > c and j > lo)
+        while hi - lo > 1 and self._first(hi) - self._first(lo) > self.SCAN:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.at(mid) <= c else (lo, mid)
+        if hi - lo > 1:
+            lo = self._scan(lo, hi, c)
+        return float(self.values[lo])
+
+    def _scan(self, lo: int, hi: int, c: float) -> int:
+        """Exact CETT after each pair in sorted positions [first(lo), first(hi)); the last candidate ≤ c."""
+        start, stop = self._first(lo), self._first(hi)
+        base = self.known[lo]
+        partial = self._partials[lo] if lo in self._partials else self.at_value(float(self.values[lo]))[1]
+        pos = self.order[start:stop]
+        tok, neuron = pos // self.h.shape[1], pos % self.h.shape[1]
+        by_token = torch.argsort(tok, stable=True)
+        tok_s, neuron_s = tok[by_token], neuron[by_token]
+        vec = (self.h[tok_s, neuron_s, None] * self.w[neuron_s]).double()
+        first = torch.ones_like(tok_s, dtype=torch.bool)
+        first[1:] = tok_s[1:] != tok_s[:-1]
+        index = torch.arange(len(tok_s), device=tok_s.device)
+        segment = torch.where(first, index, 0).cummax(0).values  # where each token's run starts
+        running = vec.cumsum(0)
+        before = torch.where((segment > 0)[:, None], running[(segment - 1).clamp(min=0)], 0.0)
+        new = (partial.double()[tok_s] + running - before).norm(dim=1)
+        old = torch.where(first, partial.double()[tok_s].norm(dim=1), torch.roll(new, 1))
+        total = self.total.double()[tok_s]
+        delta = torch.where(self.live[tok_s], (new - old) / torch.where(self.live[tok_s], total, 1.0), 0.0)
+        in_order = torch.empty_like(delta)
+        in_order[by_token] = delta
+        curve = base + in_order.cumsum(0) / self.h.shape[0]  # curve[m] = CETT with positions < start + m + 1
+        k = torch.arange(start + 1, stop, device=curve.device)  # candidate positions strictly inside
+        is_start = self.values[k] > self.values[k - 1]
+        ok = is_start & (curve[: stop - start - 1] <= c)
+        return int(k[ok][-1]) if bool(ok.any()) else lo
+
+
+def layer_thresholds(h: torch.Tensor, down_columns: torch.Tensor, cs: Sequence[float],
+                     known: dict | None = None) -> torch.Tensor:
+    """Exact per-layer thresholds t(c) for each CETT value c (float64 [len(cs)]); +inf where c ≥ CETT(∞).
+
+    h: the layer's activations on counted tokens [tokens, d_ff]; down_columns: W_out[:, i] as rows.
+    """
+    curve = CettCurve(h, down_columns, known)
+    return torch.tensor([curve.threshold(float(c)) for c in cs], dtype=torch.float64)
+
+
+# --- model plumbing ------------------------------------------------------------------------------------
+
+
+def _model_and_specials(lm_or_model: LoadedModel | nn.Module) -> tuple[nn.Module, list[int]]:
+    """The nn.Module and the special token ids that statistics skip (none for a bare model)."""
+    if isinstance(lm_or_model, LoadedModel):
+        return lm_or_model.model, sorted(set(lm_or_model.tokenizer.all_special_ids))
+    return lm_or_model, []
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _count_mask(ids: torch.Tensor, specials: Sequence[int]) -> torch.Tensor:
+    """True on the tokens that CETT averages and sparsity counts: every token but specials such as BOS."""
+    return ~torch.isin(ids, torch.tensor(list(specials), dtype=ids.dtype, device=ids.device))
+
+
+def _flat_mask(count_mask: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor | None:
+    if count_mask is None:
+        return None
+    flat = count_mask.reshape(-1).to(device)
+    if flat.numel() != rows:
+        raise BabelError(f"count_mask covers {flat.numel()} tokens but the forward ran {rows}; "
+                         "give the mask of the batch run inside this context, or None to count every token")
+    return flat
+
+
+@torch.no_grad()
+def cett_thresholds(lm_or_model: LoadedModel | nn.Module, input_ids: torch.Tensor, c: float | Sequence[float],
+                    count_mask: torch.Tensor | None = None, known: dict[int, dict] | None = None) -> torch.Tensor:
+    """Per-layer thresholds for CETT value(s) c from one dense decoder pass over a batch [B, T].
+
+    Returns float64 [n_layers] for one c, [len(c), n_layers] for a list. count_mask [B, T] selects the
+    tokens CETT averages over (default: every token that is not a special token of the tokenizer).
+    `known` ({layer: memo}, filled in place) carries search points to the next call on the same batch.
+    """
+    model, specials = _model_and_specials(lm_or_model)
+    cs = [float(c)] if isinstance(c, (int, float)) else [float(x) for x in c]
+    ids = input_ids.to(_device(model))
+    mask = _count_mask(ids, specials) if count_mask is None else count_mask.to(ids.device)
+    layers = ffn_layers(model)
+    known = {} if known is None else known
+    found: dict[int, torch.Tensor] = {}
+
+    def observe(ffn: FFN):
+        def hook(h: torch.Tensor) -> None:
+            rows = h.reshape(-1, h.shape[-1])
+            found[ffn.index] = layer_thresholds(rows[_flat_mask(mask, rows.shape[0], rows.device)],
+                                                ffn.down_columns(), cs, known.setdefault(ffn.index, {}))
+        return hook
+
+    with hooked(model, {site(f.index, "mlp.hook_post"): observe(f) for f in layers}):
+        run_decoder(model, ids)
+    table = torch.stack([found[f.index] for f in layers], dim=1)
+    return table[0] if isinstance(c, (int, float)) else table
+
+
+# --- applying sparsity at inference --------------------------------------------------------------------
+
+
+@dataclass
+class SparsityMeter:
+    """Active-neuron counts per layer (on the model's device) and the counted tokens, summed over forwards."""
+
+    active: list[torch.Tensor]  # per layer [d_ff] long: counted tokens on which the neuron was kept
+    tokens: list[torch.Tensor]  # per layer: counted tokens seen (0-d long)
+
+    @classmethod
+    def empty(cls, layers: Sequence[FFN], device: torch.device) -> SparsityMeter:
+        return cls([torch.zeros(f.width, dtype=torch.long, device=device) for f in layers],
+                   [torch.zeros((), dtype=torch.long, device=device) for _ in layers])
+
+    def add(self, layer: int, keep: torch.Tensor) -> None:
+        """Count a [tokens, d_ff] bool mask of kept neurons on counted tokens."""
+        self.active[layer] += keep.sum(dim=0)
+        self.tokens[layer] += keep.shape[0]
+
+    @property
+    def neuron_frequency(self) -> list[torch.Tensor]:
+        """Per layer, the fraction of counted tokens on which each neuron was active (float64, CPU)."""
+        return [a.double().cpu() / max(int(t), 1) for a, t in zip(self.active, self.tokens)]
+
+    @property
+    def layer_sparsity(self) -> torch.Tensor:
+        """Fraction of (token, neuron) pairs skipped, per layer (float64 [n_layers], CPU)."""
+        return torch.stack([1.0 - f.mean() for f in self.neuron_frequency])
+
+    @property
+    def activation_ratio(self) -> float:
+        """Model-level activation ratio: 1 − the unweighted mean of the layer sparsities."""
+        return float(1.0 - self.layer_sparsity.mean())
+
+
+def _topk_skip(s: torch.Tensor, k: int) -> torch.Tensor:
+    keep = torch.zeros_like(s, dtype=torch.bool)
+    return ~keep.scatter_(-1, s.abs().topk(k, dim=-1).indices, True)
+
+
+def _score_skip(method: str, value: float | None, width: int):
+    """The skip rule on the score s (gate activation, or h for a plain FFN) for the baseline methods."""
+    if method == "topk":
+        if value is None or not 0.0 < value <= 1.0:
+            raise BabelError(f"top-k takes the kept fraction of d_ff in (0, 1], got {value!r}")
+        k = max(1, round(value * width))
+        return lambda s: _topk_skip(s, k)
+    if method == "fat":
+        if value is None or value < 0:
+            raise BabelError(f"FAT-ε takes a threshold ε ≥ 0 on |s|, got {value!r}")
+        return lambda s: s.abs() < value
+    return lambda s: s == 0
+
+
+def _apply(h: torch.Tensor, skip: torch.Tensor, ffn: FFN, meter: SparsityMeter, mask) -> torch.Tensor:
+    """Zero the skipped neurons of h and count the kept ones on counted tokens."""
+    rows = skip.reshape(-1, h.shape[-1])
+    flat = _flat_mask(mask, rows.shape[0], rows.device)
+    meter.add(ffn.index, ~(rows if flat is None else rows[flat]))
+    return h.masked_fill(skip.view_as(h), 0)
+
+
+@contextmanager
+def sparsified(model: nn.Module, method: str, value: float | torch.Tensor | None = None, *,
+               count_mask: torch.Tensor | None = None, meter: SparsityMeter | None = None) -> Iterator[SparsityMeter]:
+    """Run `model` with activation sparsity applied at every FFN's down-projection input; yields the meter.
+
+    method "cett": value = per-layer thresholds t_l [n_layers] (from `cett_thresholds`), skip ‖n_i‖ < t_l;
+    "topk": value = kept fraction of d_ff, the k largest |s_i| per token; "fat": value = ε, skip |s_i| < ε;
+    "relu": skip s_i = 0 (only meaningful for ReLU). count_mask [B, T] selects the counted tokens of the
+    single forward run inside (None: count every token); pass `meter` to accumulate over several contexts.
+    """
+    if method not in METHODS:
+        raise BabelError(f"unknown sparsity method {method!r}; use one of {', '.join(METHODS)}")
+    layers = ffn_layers(model)
+    meter = meter or SparsityMeter.empty(layers, _device(model))
+    hooks = {}
+    if method == "cett":
+        thresholds = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+        if thresholds.numel() != len(layers):
+            raise BabelError(f"CETT needs one threshold per layer ({len(layers)}), got {thresholds.numel()}; "
+                             "compute them with cett_thresholds")
+        for f in layers:
+            hooks[site(f.index, "mlp.hook_post")] = _cett_hook(f, float(thresholds[f.index]), meter, count_mask)
+    else:
+        for f in layers:
+            rule = _score_skip(method, value, f.width)
+            if f.gated:
+                pending: dict[str, torch.Tensor] = {}
+                hooks[site(f.index, "mlp.hook_gate")] = _gate_hook(rule, pending)
+                hooks[site(f.index, "mlp.hook_post")] = _pending_hook(f, pending, meter, count_mask)
+            else:
+                hooks[site(f.index, "mlp.hook_post")] = lambda h, f=f, rule=rule: _apply(h, rule(h), f, meter, count_mask)
+    with hooked(model, hooks):
+        yield meter
+
+
+def _cett_hook(ffn: FFN, threshold: float, meter: SparsityMeter, mask):
+    column_norms = ffn.down_columns().float().norm(dim=1)
+    return lambda h: _apply(h, h.float().abs() * column_norms < threshold, ffn, meter, mask)
+
+
+def _gate_hook(rule, pending: dict[str, torch.Tensor]):
+    def hook(s: torch.Tensor) -> None:
+        pending["skip"] = rule(s)
+    return hook
+
+
+def _pending_hook(ffn: FFN, pending: dict[str, torch.Tensor], meter: SparsityMeter, mask):
+    def hook(h: torch.Tensor) -> torch.Tensor:
+        return _apply(h, pending.pop("skip"), ffn, meter, mask)
+    return hook
+
+
+@torch.no_grad()
+def score_quantiles(lm_or_model: LoadedModel | nn.Module, windows: torch.Tensor, qs: Sequence[float], *,
+                    batch_size: int = 4, sample: int = 65536) -> torch.Tensor:
+    """Quantiles of |s| pooled over layers and counted tokens (s: the gate activation, h for a plain FFN).
+
+    FAT-ε uses one ε for all layers, so these place its ε values. Each layer adds an evenly strided sample
+    of at most `sample` values per batch, which bounds the memory.
+    """
+    model, specials = _model_and_specials(lm_or_model)
+    layers = ffn_layers(model)
+    pooled: list[torch.Tensor] = []
+
+    def observe(mask: torch.Tensor):
+        def hook(s: torch.Tensor) -> None:
+            rows = s.reshape(-1, s.shape[-1])[_flat_mask(mask, s.numel() // s.shape[-1], s.device)]
+            flat = rows.abs().float().flatten()
+            pooled.append(flat[:: max(1, flat.numel() // sample)].cpu())
+        return hook
+
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size].to(_device(model))
+        mask = _count_mask(ids, specials)
+        with hooked(model, {site(f.index, "mlp.hook_gate"): observe(mask) for f in layers}):
+            run_decoder(model, ids)
+    return torch.from_numpy(np.quantile(torch.cat(pooled).double().numpy(), list(qs)))  # no size limit, unlike torch's
+
+
+# --- evaluation: loss and activation ratio under a method, and PPL-p% ----------------------------------
+
+
+@dataclass
+class SparseEval:
+    """Loss and sparsity of one method at one value on a set of windows."""
+
+    method: str
+    value: float | None
+    loss: Loss
+    activation_ratio: float
+    layer_sparsity: torch.Tensor  # [n_layers] float64
+    neuron_frequency: list[torch.Tensor]  # per layer [d_ff]: fraction of counted tokens with the neuron active
+    thresholds: torch.Tensor | None  # CETT only: per-layer thresholds, mean over batches weighted by tokens
+
+
+def _check_windows(windows: torch.Tensor) -> None:
+    if windows.ndim != 2 or windows.dtype != torch.long or windows.shape[0] == 0:
+        raise BabelError(f"windows must be a LongTensor [n_windows, seq_len], got {windows.dtype} "
+                         f"{tuple(windows.shape)}; build them with babel_lib.core.batches.windows")
+
+
+@dataclass
+class PPLpResult:
+    """PPL-p%: the CETT value whose sparse perplexity is (1 + p/100) × the dense one, and its sparsity."""
+
+    p: float
+    tol: float
+    cett: float
+    activation_ratio: float  # model level: 1 − mean layer sparsity
+    layer_sparsity: torch.Tensor  # [n_layers] float64
+    thresholds: torch.Tensor  # [n_layers]: per-batch thresholds averaged over batches, weighted by tokens
+    dense_loss: float  # mean next-token NLL
+    sparse_loss: float
+    ppl_ratio: float  # exp(sparse_loss − dense_loss)
+    converged: bool  # ppl_ratio is within tol of 1 + p/100
+    tokens: int  # predicted tokens in the loss
+    neuron_frequency: list[torch.Tensor]  # per layer [d_ff], at the found c
+    trace: list[dict[str, float]]  # every evaluated c: cett, ppl_ratio, activation_ratio (Pareto points)
+
+
+class SparseEvaluator:
+    """Sparse evaluations of one model on fixed windows; keeps the dense loss and the CETT search points.
+
+    The CETT search points are memoised per batch and layer (scalars, not activations), so a sweep over c
+    or the PPL-p% bisection narrows each new threshold search from the points found before.
+    """
+
+    def __init__(self, lm_or_model: LoadedModel | nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
+                 dense: Loss | None = None):
+        _check_windows(windows)
+        self.lm = lm_or_model
+        self.model, self.specials = _model_and_specials(lm_or_model)
+        self.windows, self.batch_size = windows, batch_size
+        self.layers = ffn_layers(self.model)
+        self._dense = dense  # the dense loss on these windows, if the caller already has it
+        self._known: dict[int, dict[int, dict]] = {}  # batch start -> layer -> CETT memo
+
+    @property
+    def dense(self) -> Loss:
+        """The dense model's next-token loss on the windows (computed once)."""
+        if self._dense is None:
+            self._dense = window_loss(self.model, self.windows, batch_size=self.batch_size)
+        return self._dense
+
+    @torch.no_grad()
+    def evaluate(self, method: str, value: float | None = None) -> SparseEval:
+        """Loss and activation ratio with `method` at `value` (for CETT, value is the CETT value c)."""
+        if method not in METHODS:
+            raise BabelError(f"unknown sparsity method {method!r}; use one of {', '.join(METHODS)}")
+        meter = SparsityMeter.empty(self.layers, _device(self.model))
+        loss, weighted, counted = Loss(0.0, 0), torch.zeros(len(self.layers), dtype=torch.float64), 0
+        for start in range(0, self.windows.shape[0], self.batch_size):
+            ids = self.windows[start : start + self.batch_size].to(_device(self.model))
+            mask = _count_mask(ids, self.specials)
+            setting = value
+            if method == "cett":
+                setting = cett_thresholds(self.model, ids, float(value), count_mask=mask,
+                                          known=self._known.setdefault(start, {}))
+                n = int(mask.sum())
+                weighted, counted = weighted + setting * n, counted + n
+            with sparsified(self.model, method, setting, count_mask=mask, meter=meter):
+                loss += window_loss(self.model, ids, batch_size=ids.shape[0])
+        return SparseEval(method, value, loss, meter.activation_ratio, meter.layer_sparsity, meter.neuron_frequency,
+                          weighted / max(counted, 1) if method == "cett" else None)
+
+    def ratio(self, run: SparseEval) -> float:
+        """Perplexity ratio exp(L_sparse − L_dense) of an evaluation on these windows."""
+        return math.exp(run.loss.mean - self.dense.mean)
+
+    def ppl_p(self, p: float = 1.0, tol: float = 1e-3, *, max_iter: int = 30) -> PPLpResult:
+        """Bisect c in [0, 1] until the perplexity ratio is within `tol` of 1 + p/100 (see `ppl_p`)."""
+        if p <= 0 or tol <= 0:
+            raise BabelError(f"p and tol must be positive (got p={p}, tol={tol}); the standard is p=1, tol=1e-3")
+        target = 1.0 + p / 100.0
+        lo, hi = 0.0, 1.0
+        best: tuple[float, float, SparseEval] | None = None
+        trace = []
+        for _ in range(max_iter):
+            c = (lo + hi) / 2
+            run = self.evaluate("cett", c)
+            ratio = self.ratio(run)
+            trace.append({"cett": c, "ppl_ratio": ratio, "activation_ratio": run.activation_ratio})
+            if best is None or abs(ratio - target) < abs(best[1] - target):
+                best = (c, ratio, run)
+            if abs(ratio - target) <= tol:
+                break
+            lo, hi = (c, hi) if ratio < target else (lo, c)
+        c, ratio, run = best
+        return PPLpResult(p=p, tol=tol, cett=c, activation_ratio=run.activation_ratio,
+                          layer_sparsity=run.layer_sparsity, thresholds=run.thresholds, dense_loss=self.dense.mean,
+                          sparse_loss=run.loss.mean, ppl_ratio=ratio, converged=abs(ratio - target) <= tol,
+                          tokens=run.loss.tokens, neuron_frequency=run.neuron_frequency, trace=trace)
+
+
+def evaluate_sparse(lm_or_model: LoadedModel | nn.Module, windows: torch.Tensor, method: str,
+                    value: float | None = None, *, batch_size: int = 4) -> SparseEval:
+    """Next-token loss and activation ratio with `method` at `value` (CETT: the CETT value c)."""
+    return SparseEvaluator(lm_or_model, windows, batch_size=batch_size).evaluate(method, value)
+
+
+def ppl_p(lm_or_model: LoadedModel | nn.Module, windows: torch.Tensor, p: float = 1.0, tol: float = 1e-3, *,
+          batch_size: int = 4, max_iter: int = 30, dense: Loss | None = None) -> PPLpResult:
+    """PPL-p%: bisect the CETT value c in [0, 1] until exp(L_sparse − L_dense) is within `tol` of 1 + p/100.
+
+    windows: LongTensor [n, seq_len] (perplexities compare only at one fixed seq_len); `dense` reuses a
+    dense loss already computed on the same windows. Each batch's thresholds are re-derived from its own
+    dense activations at every c. After `max_iter` evaluations without reaching the target it returns the
+    evaluated c whose ratio came closest, with converged=False.
+    """
+    evaluator = SparseEvaluator(lm_or_model, windows, batch_size=batch_size, dense=dense)
+    return evaluator.ppl_p(p, tol, max_iter=max_iter)

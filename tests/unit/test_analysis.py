@@ -1,0 +1,193 @@
+"""Analyses of activation frequencies, on small hand-made arrays whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from babel_lib.babel.analysis import (adjusted_rand, beyond_noise, cluster, cluster_agreement, compare_variants,
+                                cross_model_findings, dendrogram, depth_peak, expert_ids, expert_order,
+                                family_agreement, frequencies, high_counts, mantel, off_diagonal_correlation,
+                                pairwise_beyond_noise, reorder, shared_experts, similarity, spearman_brown,
+                                specific_experts, split_half_correlation, standard_error, summarize)
+from babel_lib.errors import BabelError
+
+# 3 languages x 2 layers x 4 experts
+FREQ = np.array([
+    [[0.9, 0.8, 0.1, 0.0], [0.6, 0.1, 0.9, 0.0]],
+    [[0.9, 0.1, 0.1, 0.0], [0.7, 0.1, 0.0, 0.2]],
+    [[0.8, 0.1, 0.05, 0.6], [0.9, 0.1, 0.0, 0.1]],
+])
+
+
+def test_frequencies_divide_by_tokens_and_reject_empty_groups():
+    counts = torch.tensor([[[2, 4]], [[0, 3]]])
+    np.testing.assert_allclose(frequencies(counts, torch.tensor([4, 3])), [[[0.5, 1.0]], [[0.0, 1.0]]])
+    halves = frequencies(np.ones((2, 2, 1, 2)), np.array([[1, 2], [4, 1]]))
+    assert halves.shape == (2, 2, 1, 2) and halves[1, 0, 0, 0] == 0.25
+    with pytest.raises(BabelError, match="no counted token"):
+        frequencies(counts, torch.tensor([4, 0]))
+    with pytest.raises(BabelError, match="do not match"):
+        frequencies(counts, torch.tensor([4, 3, 1]))
+
+
+def test_one_expert_order_for_every_language():
+    order = expert_order(FREQ)
+    assert order.tolist() == [[0, 1, 3, 2], [0, 2, 1, 3]]  # layer 0 means .867 .333 .083 .2; layer 1 .733 .1 .3 .1
+    ordered = reorder(FREQ, order)
+    assert ordered[2, 0].tolist() == [0.8, 0.1, 0.6, 0.05]
+    assert (ordered.mean(0)[:, :-1] >= ordered.mean(0)[:, 1:]).all()
+
+
+def test_high_shared_and_specific_experts():
+    assert high_counts(FREQ, 0.5).tolist() == [[2, 2], [1, 1], [2, 1]]
+    shared = shared_experts(FREQ, 0.5)
+    assert expert_ids(shared) == [(0, 0), (1, 0)]
+    specific = specific_experts(FREQ, tau_high=0.5, tau_low=0.2)
+    # layer 0 expert 1: high only in language 0, others 0.1 < 0.2; layer 1 expert 2: only language 0, others 0
+    # layer 0 expert 3: high only in language 2 and low elsewhere; layer 1 expert 3 never high
+    assert expert_ids(specific[0]) == [(0, 1), (1, 2)]
+    assert expert_ids(specific[1]) == []
+    assert expert_ids(specific[2]) == [(0, 3)]
+    # a stricter "low elsewhere" drops (0, 1) (0.1 is not below 0.05); a laxer max_languages keeps shared ones
+    strict = specific_experts(FREQ, 0.5, 0.05)
+    assert expert_ids(strict[0]) == [(1, 2)] and expert_ids(strict[2]) == [(0, 3)] and not strict[1].any()
+    assert specific_experts(FREQ, 0.5, 0.2, max_languages=3)[:, 0, 0].all()
+    with pytest.raises(BabelError, match="tau_low=0.6 is above"):
+        specific_experts(FREQ, 0.5, 0.6)
+
+
+def test_similarity_metrics_against_hand_computation():
+    x = FREQ.reshape(3, -1)
+    cos = similarity(FREQ, "cosine")
+    assert cos[0, 1] == pytest.approx(x[0] @ x[1] / np.linalg.norm(x[0]) / np.linalg.norm(x[1]))
+    np.testing.assert_allclose(similarity(FREQ, "pearson"), np.corrcoef(x))
+    centred = x - x.mean(0)
+    np.testing.assert_allclose(similarity(FREQ, "cosine", center=True)[0, 2],
+                               centred[0] @ centred[2] / np.linalg.norm(centred[0]) / np.linalg.norm(centred[2]))
+    jac = similarity(FREQ, "jaccard", tau_high=0.5)
+    # high sets: lang0 {00, 01, 10, 12}, lang1 {00, 10}, lang2 {00, 03, 10}
+    assert jac[0, 1] == pytest.approx(2 / 4) and jac[1, 2] == pytest.approx(2 / 3) and jac[0, 2] == pytest.approx(2 / 5)
+    assert np.allclose(np.diag(jac), 1)
+    with pytest.raises(BabelError, match="pass tau_high"):
+        similarity(FREQ, "jaccard")
+    with pytest.raises(BabelError, match="unknown similarity"):
+        similarity(FREQ, "euclid")
+
+
+# two obvious families: {a, b, c} close together, {d, e} close together, far apart
+SIM = np.array([
+    [1.0, 0.9, 0.8, 0.1, 0.2],
+    [0.9, 1.0, 0.85, 0.15, 0.1],
+    [0.8, 0.85, 1.0, 0.2, 0.1],
+    [0.1, 0.15, 0.2, 1.0, 0.95],
+    [0.2, 0.1, 0.1, 0.95, 1.0],
+])
+FAMILIES = ["X", "X", "X", "Y", "Y"]
+
+
+def test_family_agreement_gap_and_exact_permutation_p_value():
+    result = family_agreement(SIM, FAMILIES, n_permutations=20000, seed=1)
+    within = np.mean([0.9, 0.8, 0.85, 0.95])
+    across = np.mean([0.1, 0.2, 0.15, 0.1, 0.2, 0.1])
+    assert result["within"] == pytest.approx(within) and result["gap"] == pytest.approx(within - across)
+    assert result["within_pairs"] == 4
+    # of the 5!/(3!2!) = 10 distinct labellings only the true one reaches the observed gap: p = 1/10
+    assert result["p_value"] == pytest.approx(0.1, abs=0.01)
+    shuffled = family_agreement(SIM, ["X", "Y", "X", "Y", "X"], n_permutations=2000)
+    assert shuffled["gap"] < 0 and shuffled["p_value"] > 0.5
+    with pytest.raises(BabelError, match="both within and across"):
+        family_agreement(SIM, list("abcde"))
+
+
+def test_clustering_dendrogram_and_adjusted_rand():
+    linkage = cluster(SIM)
+    tree = dendrogram(linkage, list("abcde"))
+    assert set(tree["ivl"][:3]) == {"a", "b", "c"} or set(tree["ivl"][:2]) == {"d", "e"}
+    assert cluster_agreement(linkage, FAMILIES) == 1.0
+    assert adjusted_rand([0, 0, 1, 1], [5, 5, 7, 7]) == 1.0
+    # sklearn's documented example: ARI([0, 0, 1, 1], [0, 0, 1, 2]) = 0.5714...
+    assert adjusted_rand([0, 0, 1, 1], [0, 0, 1, 2]) == pytest.approx(4 / 7)
+    assert adjusted_rand([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
+
+
+def test_matrix_correlation_and_mantel_test():
+    assert off_diagonal_correlation(SIM, SIM) == pytest.approx(1.0)
+    test = mantel(SIM, SIM, n_permutations=2000, seed=0)
+    assert test["r"] == pytest.approx(1.0) and test["p_value"] < 0.05  # only the identity of 5! orders matches
+    rng = np.random.default_rng(0)
+    noise = rng.random((5, 5))
+    noise = (noise + noise.T) / 2
+    assert mantel(SIM, noise, n_permutations=500)["p_value"] > 0.05
+
+
+def test_split_half_and_design_effect_standard_error():
+    rng = np.random.default_rng(0)
+    f = rng.random((2, 3, 4))  # 2 languages, 3 layers, 4 experts
+    tokens = np.array([[1000, 4000], [1000, 4000]])  # [half, language]
+    counts = np.round(f[None] * tokens[:, :, None, None])
+    assert split_half_correlation(frequencies(counts, tokens)) == pytest.approx([1.0, 1.0])
+    se, deff = standard_error(counts, tokens)
+    assert se.shape == (2, 3, 4) and deff == pytest.approx([0.0, 0.0], abs=1e-4)  # identical halves: no noise
+    # halves that differ: deff = sum (f1-f2)^2 / sum f(1-f)(1/N1+1/N2), by hand for one language
+    counts2 = np.array([[[[30, 70]]], [[[50, 50]]]])
+    tokens2 = np.array([[100], [100]])
+    se2, deff2 = standard_error(counts2, tokens2)
+    full = np.array([0.4, 0.6])
+    expected = (0.2 ** 2 + 0.2 ** 2) / ((full * (1 - full)).sum() * (2 / 100))
+    assert deff2[0] == pytest.approx(expected)
+    assert se2[0, 0] == pytest.approx(np.sqrt(expected * full * (1 - full) / 200))
+    assert spearman_brown(np.array([0.5]))[0] == pytest.approx(2 / 3)
+
+
+def test_noise_floor_flags_only_real_differences():
+    freq = np.array([[[0.5, 0.5, 0.5]], [[0.5, 0.52, 0.9]]])
+    se = np.full((2, 1, 3), 0.01)
+    assert beyond_noise(freq[1] - freq[0], np.hypot(se[0], se[1])).tolist() == [[False, False, True]]
+    pairs = pairwise_beyond_noise(freq, se)
+    assert pairs[0, 1] == pairs[1, 0] == pytest.approx(1 / 3) and pairs[0, 0] == 0
+
+
+def test_depth_peak():
+    assert depth_peak([5, 5, 0, 0, 0, 0]) == "early"
+    assert depth_peak(np.array([0, 0, 0, 1, 0, 0, 0, 0, 9])) == "late"
+    assert depth_peak([0, 0, 0, 3, 3, 0, 0, 0, 0]) == "middle"
+
+
+def test_compare_variants_known_difference():
+    other = FREQ.copy()
+    other[:, 1] = FREQ[:, 1] * 0.5  # layer 1 halved: still perfectly correlated, but different
+    result = compare_variants(FREQ, other, tau_high=0.5)
+    np.testing.assert_allclose(result["layer_correlation"], [1.0, 1.0])
+    assert result["layer_mean_abs_difference"][0] == 0
+    assert result["layer_mean_abs_difference"][1] == pytest.approx(np.abs(FREQ[:, 1] * 0.5).mean())
+    assert result["shared_a"] == 2 and result["shared_b"] == 1 and result["shared_jaccard"] == 0.5
+    with pytest.raises(BabelError, match="one partition"):
+        compare_variants(FREQ, FREQ[:2], 0.5)
+
+
+def test_summary_and_cross_model_findings():
+    rng = np.random.default_rng(0)
+    families = ["X"] * 3 + ["Y"] * 5  # 8!/(3!5!) = 56 labellings: the true one alone gives p = 1/56
+    base = rng.random((1, 6, 8))
+    shift = np.where(np.array(families) == "X", 0.0, 0.3)[:, None, None] * rng.random((1, 6, 8))
+    freq = np.clip(base + shift + 0.01 * rng.random((8, 6, 8)), 0, 1)
+    freq[:, 5, 7] = [0.9] + [0.0] * 7  # one expert specific to language a, in the last layer
+    tokens_halves = np.full((2, 8), 5000)
+    counts_halves = np.round(np.stack([freq, freq]) * 5000)
+    languages = list("abcdefgh")
+    summaries = {name: summarize(counts_halves.sum(0), tokens_halves.sum(0), counts_halves, tokens_halves, languages,
+                                 {"family": families}, tau_high=0.5, tau_low=0.2, center=True, n_permutations=2000)
+                 for name in ("m1", "m2")}
+    s = summaries["m1"]
+    assert s["freq"].shape == (8, 6, 8) and s["ari"] == 1.0 and s["split_half"] == pytest.approx(np.ones(8))
+    assert s["agreement"]["family"]["p_value"] < 0.05 and s["beyond_noise_vs_mean"].shape == (8,)
+    assert s["shared_per_layer"].tolist() == shared_experts(freq, 0.5).sum(-1).tolist()
+    table = cross_model_findings(summaries, n_permutations=2000)
+    assert list(table.columns) == ["m1", "m2", "holds in all"]
+    assert table["holds in all"].all()  # identical models: every finding holds in both
+    summaries["m2"] = summarize(counts_halves.sum(0), tokens_halves.sum(0), counts_halves, tokens_halves, languages,
+                                {"family": families[::-1]}, tau_high=0.5, tau_low=0.2, center=True,
+                                n_permutations=2000)
+    assert not cross_model_findings(summaries, n_permutations=200)["holds in all"].iloc[0]
