@@ -14,7 +14,7 @@ NOTEBOOKS := 01_convert 02_profile 03_massive_activations 04_sparsity_scaling
 LIB := $(shell find babel_lib -name '*.py') pyproject.toml
 EXECUTED := $(NOTEBOOKS:%=$(BUILD)/%.ipynb)
 
-.PHONY: setup models data data-check figures test lab explore zoo clean
+.PHONY: setup models data data-check check-profile figures test lab explore zoo clean
 .DELETE_ON_ERROR:
 
 ## setup: virtual environment, the package with its notebook and test extras, kernel, Chromium, embedded models
@@ -41,8 +41,12 @@ data: setup
 data-check: setup
 	$(PY) -m babel_lib.data.build --check
 
-## figures: execute the notebooks in order (jupytext -> papermill), each reading the previous one's artefacts
-figures: $(EXECUTED)
+## check-profile: validate configs/$(PROFILE).yaml (and MODEL) before anything runs: one line per problem
+check-profile: setup
+	@$(PY) -m babel_lib.core.config check $(PROFILE) "$(MODEL)"
+
+## figures: execute the notebooks (jupytext -> papermill); a notebook waits only for those whose artefacts it reads
+figures: check-profile $(EXECUTED)
 	@echo "figures: figures/$(RUN)/ (manifest.json) · notebooks: $(BUILD)/*.html"
 
 $(BUILD)/%.ipynb: notebooks/%.py $(LIB) configs/$(PROFILE).yaml | models
@@ -53,10 +57,8 @@ $(BUILD)/%.ipynb: notebooks/%.py $(LIB) configs/$(PROFILE).yaml | models
 	$(BIN)/jupyter nbconvert --log-level WARN --to html $(BUILD)/$*.tmp.ipynb --output $*.html --output-dir $(BUILD)
 	mv $(BUILD)/$*.tmp.ipynb $@
 
-# the chain: each notebook runs after the one before it and may read its artefacts
+# what each notebook reads: 02 the partition of 01; 03 and 04 read nothing from the others (04 reads the zoo table)
 $(BUILD)/02_profile.ipynb: $(BUILD)/01_convert.ipynb
-$(BUILD)/03_massive_activations.ipynb: $(BUILD)/02_profile.ipynb
-$(BUILD)/04_sparsity_scaling.ipynb: $(BUILD)/03_massive_activations.ipynb
 
 ## zoo: the micro ReLU/SiLU family trained on the corpus -> data/zoo/zoo.csv + PROVENANCE.json (needs CUDA);
 ##      PROFILE=smoke trains a toy family on the CPU into build/smoke/zoo/

@@ -58,7 +58,7 @@ from babel_lib.massive.plots import (attention_heatmaps, attention_mass_figure, 
 P = config.notebook_params("03_massive_activations", profile, model)
 config.apply_runtime(P)
 store = ArtefactStore(P.artefacts)
-criterion = {"magnitude": P.magnitude, "ratio": P.ratio}
+criterion = {"magnitude": P.magnitude, "ratio": P.median_ratio}
 pd.Series({k: v for k, v in P.items()}).to_frame("value")
 
 # %% [markdown]

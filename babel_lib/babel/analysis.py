@@ -9,7 +9,8 @@ permutation p-value), split-half stability with a noise floor for differences, a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -17,10 +18,33 @@ from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 from scipy.special import comb
 
+from babel_lib.core.study import StudyParams, param
 from babel_lib.errors import BabelError
 
 METRICS = ("cosine", "pearson", "jaccard")
 DEPTHS = ("early", "middle", "late")
+
+
+@dataclass(frozen=True)
+class AnalysisParams(StudyParams):
+    """Notebook 02's analyses of the counts: thresholds, similarity, tests and the noise floor."""
+
+    KIND: ClassVar[str] = "analysis"
+    CODE: ClassVar[tuple[str, ...]] = ("babel_lib.babel.analysis",)
+
+    tau_high: float = param(0.4, ge=0, le=1)  # high-frequency expert: f >= tau_high
+    tau_low: float = param(0.25, ge=0, le=1)  # language-specific: f < tau_low in every other language
+    max_specific: int = param(2, ge=1)  # specific: high-frequency in at most this many languages
+    similarity: Literal["cosine", "pearson", "jaccard"] = "pearson"
+    center: bool = True  # compare each language's deviation from the all-language mean
+    n_permutations: int = param(10000, ge=1)
+    alpha: float = param(0.05, gt=0, lt=1)
+    noise_z: float = param(3.0, gt=0)  # a difference is real beyond noise_z standard errors (split halves)
+    instruct_pairs: tuple[tuple[str, str], ...] = ()  # [[base, instruct], ...] profiled with the base's partition
+
+    def check(self) -> None:
+        if self.tau_low > self.tau_high:
+            raise self.invalid("tau_low", f"{self.tau_low} is above tau_high={self.tau_high}")
 
 
 def _np(x: Any) -> np.ndarray:

@@ -7,20 +7,38 @@ notebooks find it and a changed model or parameter never reuses a stale one.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from babel_lib.core.artefacts import ArtefactStore
-from babel_lib.core.batches import Batch
-from babel_lib.errors import BabelError
-from babel_lib.core.ffn import ffn_layers
-from babel_lib.core.hooks import hooked, site
-from babel_lib.core.evaluation import lm_logits
-from babel_lib.core.models import LoadedModel, run_decoder
 from babel_lib.babel.moe import ExpertMap, routed
 from babel_lib.babel.partition import cohesion, partition_labels
+from babel_lib.core.artefacts import ArtefactStore
+from babel_lib.core.batches import Batch
+from babel_lib.core.evaluation import lm_logits
+from babel_lib.core.ffn import ffn_layers
+from babel_lib.core.hooks import hooked, site
+from babel_lib.core.models import LoadedModel, run_decoder
+from babel_lib.core.study import StudyParams, param
+from babel_lib.errors import BabelError
 
+
+@dataclass(frozen=True)
+class ConvertParams(StudyParams):
+    """Notebook 01: how each FFN layer is partitioned into experts, and the checks of the converted model."""
+
+    KIND: ClassVar[str] = "partition"
+    CODE: ClassVar[tuple[str, ...]] = ("babel_lib.babel.partition", "babel_lib.babel.conversion")
+
+    n_experts: int = param(256, ge=1)
+    method: Literal["kmeans", "random", "contiguous", "coactivation"] = "kmeans"
+    kmeans_iters: int = param(30, ge=1)
+    baselines: tuple[Literal["kmeans", "random", "contiguous", "coactivation"], ...] = ("random", "contiguous")
+    calibration_paragraphs: int = param(16, ge=1)  # per language, for method=coactivation
+    check_paragraphs: int = param(2, ge=1)  # held-out paragraphs per language for the logits check
+    drop_fraction: float = param(0.5, gt=0, lt=1)  # the control: drop this share of experts, the logits must move
 
 
 def partition_params(lm: LoadedModel, n_experts: int, method: str, seed: int, iters: int) -> dict:

@@ -23,23 +23,43 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from babel_lib.babel.moe import SCORE_MODES, ExpertMap
 from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.core.batches import Batch, paragraph_batches
-from babel_lib.errors import BabelError
 from babel_lib.core.hooks import hooked, site
 from babel_lib.core.models import LoadedModel, run_decoder
-from babel_lib.babel.moe import SCORE_MODES, ExpertMap
+from babel_lib.core.study import StudyParams, param
+from babel_lib.errors import BabelError
 
 RULES = ("topk", "zscore", "threshold")
 SCORERS = ("auto", "matmul", "index_add")
 NEURON_RULE = "a > 0"  # when a neuron counts as active (recorded with every artefact)
 _HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ProfileParams(StudyParams):
+    """Notebook 02's counting pass: which text, and when an expert counts as activated on a token."""
+
+    KIND: ClassVar[str] = "frequencies"
+    CODE: ClassVar[tuple[str, ...]] = ("babel_lib.babel.profiler", "babel_lib.babel.moe", "babel_lib.core.batches",
+                                       "babel_lib.core.hooks")
+
+    paragraphs: int | None = param(80, ge=1)  # calibration paragraphs per language; None = the whole split
+    max_length: int = param(256, ge=2)  # tokens per paragraph at most
+    batch_tokens: int = param(4096, ge=1)  # tokens per batch (paragraphs of similar length together)
+    rule: Literal["topk", "zscore", "threshold"] = "topk"
+    ratio: float = param(0.25, gt=0, le=1)  # topk: share of each layer's experts per token; zscore: of all experts
+    threshold: float = 0.0  # rule=threshold: activated when the score is above this
+    mode: Literal["sum", "abs", "pos"] = "sum"  # expert score from its neurons' activations
+    compile: bool = False  # torch.compile the per-layer counting (pays off on CUDA)
 
 
 def positive_counts(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

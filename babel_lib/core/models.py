@@ -181,33 +181,54 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_model_name(name: str) -> None:
+    """Catch a misspelt embedded alias before anything reaches for the hub (a hub id has the form org/name)."""
+    if name in EMBEDDED or name.startswith("tiny:") or Path(name).expanduser().exists():
+        return
+    if "/" not in name or name.startswith((".", "/", "~")):
+        from babel_lib.core.study import did_you_mean
+
+        raise BabelError(f"unknown model {name!r}{did_you_mean(name, list(EMBEDDED))}: not an embedded alias "
+                         f"({', '.join(EMBEDDED)}), a tiny:<model_type> model, an existing local folder, or a "
+                         "Hugging Face id of the form org/name")
+
+
 def load_model(
     name: str,
     device: str | None = "auto",
     dtype: str | torch.dtype | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> LoadedModel:
-    """Load an embedded alias, a `tiny:<model_type>[:seed]` random model, a local folder or a Hugging Face id."""
+    """Load an embedded alias, a `tiny:<model_type>[:seed]` random model, a local folder or a Hugging Face id.
+
+    `revision` picks a checkpoint: a git revision (branch, tag, commit) of a Hugging Face id, or a subfolder of a
+    local folder (e.g. Pythia-style `step1000/` checkpoints saved side by side).
+    """
     from babel_lib.core.tiny import tiny_model
 
+    check_model_name(name)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if name.startswith("tiny:"):
+        if revision:
+            raise BabelError(f"{name} is a random model with no revisions; drop revision={revision!r}")
         model, tokenizer = tiny_model(name, attn_implementation)
         card = f"{name} (randomly initialised, for tests)"
     else:
-        model, tokenizer, card = _load_pretrained(name, dt, attn_implementation, trust_remote_code)
+        model, tokenizer, card = _load_pretrained(name, dt, attn_implementation, trust_remote_code, revision)
     model = model.to(device=dev, dtype=dt).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, fingerprint=fingerprint(model), card=card)
 
 
-def _load_pretrained(name, dtype, attn_implementation, trust_remote_code):
+def _load_pretrained(name, dtype, attn_implementation, trust_remote_code, revision=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    tokenizer_kwargs = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if name in EMBEDDED:
@@ -217,11 +238,18 @@ def _load_pretrained(name, dtype, attn_implementation, trust_remote_code):
         source = str(folder)
         card = (f"{name}: {entry.original} ({entry.variant}), {entry.quantisation} 4-bit GGUF dequantised to "
                 f"float; {entry.licence}")
+    elif revision and Path(name).expanduser().is_dir():
+        source = str(Path(name).expanduser() / revision)
+        if not Path(source).is_dir():
+            raise BabelError(f"local model {name} has no checkpoint folder {revision!r} ({source} does not exist)")
+        card = f"{name} @ {revision} (local checkpoint)"
     else:
         source = name
-        card = f"{name} (Hugging Face)"
+        card = f"{name} (Hugging Face)" + (f" @ {revision}" if revision else "")
+        if revision:
+            kwargs["revision"] = tokenizer_kwargs["revision"] = revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         if name in EMBEDDED:

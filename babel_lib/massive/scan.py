@@ -13,18 +13,43 @@ import math
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from babel_lib.core.batches import windows as token_windows
-from babel_lib.errors import BabelError
 from babel_lib.core.evaluation import window_loss
 from babel_lib.core.ffn import decoder_layers
 from babel_lib.core.hooks import hooked, site
 from babel_lib.core.models import run_decoder
+from babel_lib.core.study import StudyParams, param
+from babel_lib.errors import BabelError
 
 KINDS = ("start", "delimiter", "other")
+
+
+@dataclass(frozen=True)
+class MassiveParams(StudyParams):
+    """Notebook 03: the residual-stream scan, the massive-activation criterion and the follow-up analyses."""
+
+    KIND: ClassVar[str] = "massive-scan"
+    CODE: ClassVar[tuple[str, ...]] = ("babel_lib.massive.scan", "babel_lib.core.batches", "babel_lib.core.hooks")
+
+    seq_len: int = param(128, ge=2)  # tokens per window (scan, attention and perplexity)
+    scan_windows: int = param(2, ge=1)  # calibration windows per language, each starting at a paragraph
+    scan_paragraphs: int = param(80, ge=1)  # calibration paragraphs per language to cut them from
+    batch_size: int = param(8, ge=1)
+    top_k: int = param(128, ge=1)  # entries of largest |h| kept per sequence and layer
+    magnitude: float = param(100.0, gt=0)  # massive: |h| > magnitude ...
+    median_ratio: float = param(1000.0, gt=0)  # ... and |h| >= median_ratio x the sequence's median |h| at that layer
+    median_sample: int | None = param(None, ge=1)  # None = exact median; N = median of N sampled entries
+    min_share: float = param(0.5, gt=0, le=1)  # a dimension's layers: massive in >= this share of sequences
+    prompt: str = "Summer is warm. Winter is cold."
+    surface_layer: int | None = param(None, ge=0)  # layer of the 3-D plot; None = middle of the strongest range
+    ppl_windows: int = param(1, ge=1)  # held-out windows per language for perplexity
+    ppl_paragraphs: int = param(40, ge=1)  # held-out paragraphs per language to cut them from
+    attention_windows: int = param(1, ge=1)  # scan windows per language for the attention analysis
 
 
 def paragraph_windows(tokenizer, texts: Sequence[str], seq_len: int, n_windows: int,
