@@ -46,11 +46,6 @@ def normalise(text: str) -> str:
     return "".join(text.split()).casefold()
 
 
-def similarity(a: str, b: str) -> float:
-    """difflib's ratio of two texts (2 x matched characters / total characters), without the autojunk heuristic."""
-    return SequenceMatcher(None, a, b, autojunk=False).ratio()
-
-
 def is_near_copy(original: str, translated: str) -> bool:
     """Whether a translation is English left in place: normalised similarity >= NEAR_COPY_RATIO.
 

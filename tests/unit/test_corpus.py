@@ -11,23 +11,21 @@ import re
 import shutil
 import subprocess
 import sys
+from difflib import SequenceMatcher
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from difflib import SequenceMatcher
-
 import yaml
 
 from babel_lib.data import build as corpus_build, flores
 from babel_lib.data.alignment import align, is_near_copy, split_of
-from babel_lib.data.corpus import CORPUS_DIR, CORPUS_FILE, PROVENANCE_FILE, corpus_info, load_corpus
 from babel_lib.data.build import Package, corpus_bytes, write_corpus
-from babel_lib.data.help_pages import KINDS, Paragraph, page_paragraphs
-from babel_lib.errors import BabelError
+from babel_lib.data.corpus import CORPUS_DIR, CORPUS_FILE, PROVENANCE_FILE, corpus_info, load_corpus
 from babel_lib.data.flores import load_flores
+from babel_lib.data.help_pages import KINDS, Paragraph, page_paragraphs
 from babel_lib.data.languages import CORPUS_LANGUAGES, LANGUAGES, language
+from babel_lib.errors import BabelError
 
 # ------------------------------------------------------------------------------------------ language metadata
 
