@@ -147,3 +147,27 @@ def test_bad_input_is_one_line_error(tiny):
     with pytest.raises(BabelError, match="active ratio"):
         with dynamic(lm.model, experts, 0.0):
             pass
+
+
+def test_prune_study_on_a_tiny_model(tiny, tmp_path):
+    from babel_lib.babel.pruning_study import PruneParams, prune
+    from babel_lib.core.artefacts import ArtefactStore
+
+    lm, experts, partition = tiny("llama"), expert_map(), {"n_experts": N_EXPERTS, "seed": 0}
+    freqs = Frequencies(("en", "ja", "de"), torch.rand(3, LAYERS, N_EXPERTS, generator=torch.Generator().manual_seed(0)),
+                        partition)
+    heldout = {"en": [TEXTS[0]] * 4, "ja": [TEXTS[2]] * 4}
+    params = PruneParams(eval_languages=("en", "ja"), rates=(0.0, 0.5), random_seeds=2, cross_rate=0.5,
+                         active_ratios=(1.0, 0.5), seq_len=16, windows_per_language=2)
+    store = ArtefactStore(tmp_path)
+    r = prune(store, lm, experts, freqs, partition, heldout, params)
+    import numpy as np
+    assert np.array_equal(r.frequency[0], r.dense) and np.array_equal(r.random[0, 0], r.dense)
+    assert np.array_equal(r.dynamic[0], r.dense)  # every expert active
+    assert np.array_equal(np.diag(r.cross), r.frequency[1])
+    assert (r.random[1] > r.dense).any() and r.tokens == [30, 30]
+    assert len(list((tmp_path / "pruning").glob("*.safetensors"))) == 1
+    again = prune(store, lm, experts, freqs, partition, heldout, params)
+    assert np.array_equal(again.cross, r.cross)
+    with pytest.raises(BabelError, match="no frequencies for language 'fr'"):
+        prune(store, lm, experts, freqs, partition, {"fr": ["x"]}, params.replace(eval_languages=("fr",)))
