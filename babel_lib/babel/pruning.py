@@ -61,6 +61,18 @@ class Frequencies:
             raise BabelError(f"no frequency artefact at {path}; run notebook 02 (make figures) first")
         return cls.from_artefact(load_file(str(path)), json.loads(sidecar.read_text())["meta"])
 
+    @classmethod
+    def of_run(cls, artefacts: str | Path, run: str, model: str) -> Frequencies:
+        """`model`'s frequencies from notebook 02's index of run `run` (<artefacts>/frequencies/index-<run>.json)."""
+        index = Path(artefacts) / "frequencies" / f"index-{run}.json"
+        if not index.is_file():
+            raise BabelError(f"no frequency index at {index}; run notebook 02_profile for this profile first")
+        entries = json.loads(index.read_text())
+        if model not in entries:
+            raise BabelError(f"notebook 02's run {run!r} has no frequencies of {model!r} (it has "
+                             f"{', '.join(entries)}); run notebook 02 with this model")
+        return cls.load(index.parent / entries[model])
+
     def of(self, language: str) -> torch.Tensor:
         """f [L, E] of one language."""
         if language not in self.languages:
