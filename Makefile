@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 RUN := $(PROFILE)$(if $(MODEL),-$(subst /,_,$(subst :,_,$(MODEL))))
 BUILD := build/$(RUN)
-NOTEBOOKS := 01_convert 02_profile 03_massive_activations 04_sparsity_scaling
+NOTEBOOKS := 01_convert 02_profile 03_massive_activations 04_sparsity_scaling 05_prune
 LIB := $(shell find babel_lib -name '*.py') pyproject.toml
 EXECUTED := $(NOTEBOOKS:%=$(BUILD)/%.ipynb)
 
@@ -57,8 +57,9 @@ $(BUILD)/%.ipynb: notebooks/%.py $(LIB) configs/$(PROFILE).yaml | models
 	$(BIN)/jupyter nbconvert --log-level WARN --to html $(BUILD)/$*.tmp.ipynb --output $*.html --output-dir $(BUILD)
 	mv $(BUILD)/$*.tmp.ipynb $@
 
-# what each notebook reads: 02 the partition of 01; 03 and 04 read nothing from the others (04 reads the zoo table)
+# what each notebook reads: 02 the partition of 01; 05 the partition and 02's frequencies; 03 and 04 read nothing from the others (04 reads the zoo table)
 $(BUILD)/02_profile.ipynb: $(BUILD)/01_convert.ipynb
+$(BUILD)/05_prune.ipynb: $(BUILD)/02_profile.ipynb
 
 ## zoo: the micro ReLU/SiLU family trained on the corpus -> data/zoo/zoo.csv + PROVENANCE.json (needs CUDA);
 ##      PROFILE=smoke trains a toy family on the CPU into build/smoke/zoo/
