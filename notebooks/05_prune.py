@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from babel_lib.babel import pruning_plots as plots
-from babel_lib.babel.conversion import partition_model, partition_params
+from babel_lib.babel.conversion import run_partition
 from babel_lib.babel.pruning import Frequencies
 from babel_lib.babel.pruning_study import PruneParams, prune, sliced_speed, verdicts
 from babel_lib.core import config
@@ -60,7 +60,6 @@ from babel_lib.data.corpus import load_corpus
 P = config.notebook_params("05_prune", profile, model)
 config.apply_runtime(P)
 store = ArtefactStore(P.artefacts)
-P1 = config.notebook_params("01_convert", profile, model)  # the partition notebook 01 made
 params = P.typed(PruneParams)
 started = time.perf_counter()
 pd.Series(dict(P)).to_frame("value")
@@ -79,15 +78,15 @@ texts = {lang: heldout[lang] for lang in params.eval_languages}
 results, speeds = [], []
 for name in P.models:
     lm = load_model(name, P.device, P.dtype)
-    experts = partition_model(lm, P1.n_experts, P1.method, seed=P1.seed, iters=P1.kmeans_iters, store=store)
-    partition = partition_params(lm, P1.n_experts, P1.method, P1.seed, P1.kmeans_iters)
+    part = run_partition(store, lm, profile, model)  # notebook 01's partition (computed now if 01 has not run)
+    experts, n_experts = part.experts, part.experts.n_experts
     freqs = Frequencies.of_run(P.artefacts, P.run, name)
-    results.append(prune(store, lm, experts, freqs, partition, texts, params))
+    results.append(prune(store, lm, experts, freqs, part.params.as_dict(), texts, params))
     ids = windows(lm.tokenizer, texts[params.eval_languages[0]], params.speed_tokens, 1)
     speeds.append(sliced_speed(lm, experts, freqs.of(params.eval_languages[0]), ids, params))
     del lm, experts
 details = {"seq_len": params.seq_len, "windows": f"{params.windows_per_language}/language held-out",
-           "n_experts": P1.n_experts}
+           "n_experts": n_experts}
 pd.DataFrame({r.model: {"languages": ", ".join(r.languages), "predicted tokens per language": r.tokens[0],
                         "rates": ", ".join(f"{x:.0%}" for x in r.rates), "random seeds": r.random.shape[1]}
               for r in results})

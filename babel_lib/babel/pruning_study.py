@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class PruneParams(StudyParams):
     random_seeds: int = param(3, ge=1)  # random prunings per rate (seeds 0..n-1)
     cross_rate: float = param(0.5, ge=0, lt=1)  # pruning rate of the cross-lingual matrix
     active_ratios: tuple[float, ...] = (0.75, 0.5, 0.25)  # dynamic top-k: share of experts active per token
+    dynamic_mode: Literal["sum", "abs", "pos"] = "abs"  # dynamic top-k: the expert score (ExpertMap.scores)
     seq_len: int = param(128, ge=2)  # tokens per evaluation window: perplexities compare only at this length
     windows_per_language: int = param(2, ge=1)
     paragraphs: int = param(40, ge=1)  # held-out paragraphs per language to cut the windows from
@@ -173,7 +174,7 @@ def prune(store: ArtefactStore, lm: LoadedModel, experts: ExpertMap, freqs: Freq
         for ratio in params.active_ratios:
             row = []
             for lang in langs:
-                with dynamic(lm.model, experts, ratio):
+                with dynamic(lm.model, experts, ratio, params.dynamic_mode):
                     row.append(window_loss(lm.model, wins[lang], batch_size=params.batch_size).mean)
             rows["dynamic"].append(row)
         bar.close()

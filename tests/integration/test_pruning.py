@@ -87,14 +87,16 @@ def test_per_layer_slice_needs_and_reloads_with_babel_loader(tiny, model_type, t
     assert torch.equal(logits(again, lm), logits(small, lm))
 
 
-def brute_force_top_k(experts: ExpertMap, k: int):
-    """Per token, sum each expert's neuron activations one by one, sort, and zero every neuron outside the top k."""
+def brute_force_top_k(experts: ExpertMap, k: int, mode: str):
+    """Per token, sum each expert's neuron activations (or their absolute values) one by one, sort, and zero every
+    neuron outside the top k."""
+    f = abs if mode == "abs" else (lambda x: x)
     def hook(layer: int):
         def apply(a):
             flat = a.reshape(-1, a.shape[-1]).clone()
             labels = experts.labels[layer]
             for t in range(flat.shape[0]):
-                scores = [float(sum(flat[t, i] for i in range(flat.shape[1]) if labels[i] == e))
+                scores = [float(sum(f(flat[t, i]) for i in range(flat.shape[1]) if labels[i] == e))
                           for e in range(experts.n_experts)]
                 top = sorted(range(experts.n_experts), key=lambda e: -scores[e])[:k]
                 for i in range(flat.shape[1]):
@@ -105,16 +107,17 @@ def brute_force_top_k(experts: ExpertMap, k: int):
     return {site(layer, "mlp.hook_post"): hook(layer) for layer in range(experts.n_layers)}
 
 
+@pytest.mark.parametrize("mode", ["sum", "abs"])
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2", "opt"])
-def test_dynamic_top_k_equals_a_per_token_brute_force(tiny, model_type):
+def test_dynamic_top_k_equals_a_per_token_brute_force(tiny, model_type, mode):
     lm = tiny(model_type, "float64")
     experts = expert_map(2)
     batch = pad(encode(lm.tokenizer, TEXTS[:2]), lm.tokenizer)
     run = lambda: lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # noqa: E731
     with torch.no_grad():
-        with dynamic(lm.model, experts, 0.25):
+        with dynamic(lm.model, experts, 0.25, mode):
             fast = run()
-        with hooked(lm.model, brute_force_top_k(experts, 2)):
+        with hooked(lm.model, brute_force_top_k(experts, 2, mode)):
             slow = run()
         dense = run()
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)

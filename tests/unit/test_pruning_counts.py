@@ -29,6 +29,13 @@ def test_adaptive_counts_total_equals_uniform_and_follow_concentration(rate):
     assert torch.all(c[1:] > c[:-1])
 
 
+def test_adaptive_counts_stay_within_twice_the_uniform_rate():
+    freq = torch.ones(6, 32)
+    freq[0, 1:] = 1e-9  # layer 0 uses one expert: without a cap it would lose nearly all of them
+    counts = adaptive_counts(freq, 0.25)
+    assert int(counts.sum()) == 6 * 8 and int(counts.max()) <= 16 and int(counts[0]) == 16
+
+
 def test_adaptive_counts_are_uniform_for_equal_layers():
     freq = torch.rand(1, 16).repeat(5, 1)
     assert torch.equal(adaptive_counts(freq, 0.5), uniform_counts(0.5, 5, 16))
