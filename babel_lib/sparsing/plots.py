@@ -10,12 +10,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from babel_lib.sparsing.scaling import PowerLaw
+from babel_lib.sparsing.scaling import FORM_NAME, PowerLaw
 
 METHOD_STYLE = {"cett": ("CETT (sweep c)", "#d62728"), "topk": ("top-k", "#1f77b4"), "fat": ("FAT-ε", "#2ca02c"),
                 "relu": ("zero threshold", "#7f7f7f")}
 FORM_COLOUR = {"relu": "#1f77b4", "silu": "#d62728"}
-FORM_NAME = {"relu": "ReLU", "silu": "SiLU"}
 
 
 def pareto_figure(points: Mapping[str, pd.DataFrame], dense: Mapping[str, float],
