@@ -130,20 +130,30 @@ class ParetoResult:
                 f"the closest perplexity ratio is {self.ppl_ratio:.4f} (target {1 + self.p / 100:g} ± {self.tol:g}); "
                 f"every number at PPL-{self.p:g}% below is at that closest c = {self.cett:.4f}.")
 
+    def summary(self) -> dict[str, float | bool | int]:
+        """The PPL-p% point in one row."""
+        return {"PPL-p% CETT value c": self.cett, "activation ratio": self.activation_ratio,
+                "perplexity ratio": self.ppl_ratio, "converged": self.converged,
+                "dense perplexity": self.dense_perplexity, "predicted tokens": self.tokens}
+
     def findings(self) -> list[str]:
+        """The non-convergence warning (if any) and CETT against the baselines at CETT's activation ratio."""
         parts = []
         for method in BASELINES:
             at = self.at_cett_ratio(method)
             parts.append(f"{method}: its sweep does not reach that activation ratio" if at is None
                          else f"{method} {at:.2f} ({at / self.perplexity:.2f}x)")
         lines = [self.warning()] if self.warning() else []
-        ratio = self.layer_ratio
         return lines + [
             f"{self.model}: CETT keeps the perplexity at {self.perplexity:.2f} (dense {self.dense_perplexity:.2f}) "
             f"with an activation ratio of {self.activation_ratio:.3f}; at the same activation ratio (interpolated): "
-            + ", ".join(parts) + ".",
-            f"{self.model}: per-layer activation ratio from {ratio.min():.3f} (layer {int(ratio.argmin())}) to "
-            f"{ratio.max():.3f} (layer {int(ratio.argmax())}); model-level {self.activation_ratio:.3f}."]
+            + ", ".join(parts) + "."]
+
+    def layer_findings(self) -> list[str]:
+        """The range of the per-layer activation ratio at PPL-p%."""
+        ratio = self.layer_ratio
+        return [f"{self.model}: per-layer activation ratio from {ratio.min():.3f} (layer {int(ratio.argmin())}) to "
+                f"{ratio.max():.3f} (layer {int(ratio.argmax())}); model-level {self.activation_ratio:.3f}."]
 
 
 def _pareto_points(evaluator: SparseEvaluator, lm: LoadedModel, ids: torch.Tensor, params: ParetoParams,
@@ -210,15 +220,19 @@ class LanguageResult:
         return {lang: float((f < self.rare).mean()) for lang, f in self.frequencies().items()}
 
     def findings(self) -> list[str]:
+        """The ranges of the activation ratio and the perplexity ratio over languages."""
         g = self.table.set_index("language")
         a, r = g["activation_ratio"], g["ppl_ratio"]
         target = "" if self.target is None else f" against the pooled target {self.target:g}"
-        rare = self.rare_shares()
-        low, high = min(rare, key=rare.get), max(rare, key=rare.get)
         return [f"{self.model} at c = {self.cett:.4f}: activation ratio from {a.min():.3f} ({a.idxmin()}) to "
                 f"{a.max():.3f} ({a.idxmax()}); perplexity ratio from {r.min():.4f} ({r.idxmin()}) to "
-                f"{r.max():.4f} ({r.idxmax()}){target}.",
-                f"{self.model}: the share of neurons kept on fewer than {self.rare:.0%} of tokens ranges from "
+                f"{r.max():.4f} ({r.idxmax()}){target}."]
+
+    def frequency_findings(self) -> list[str]:
+        """The range over languages of the share of rare neurons."""
+        rare = self.rare_shares()
+        low, high = min(rare, key=rare.get), max(rare, key=rare.get)
+        return [f"{self.model}: the share of neurons kept on fewer than {self.rare:.0%} of tokens ranges from "
                 f"{rare[low]:.1%} ({low}) to {rare[high]:.1%} ({high})."]
 
 
@@ -245,3 +259,9 @@ def by_language(store: ArtefactStore, lm: LoadedModel, params: LanguageParams, e
     tensors, meta = store.cached(params.KIND, key, compute)
     return LanguageResult(model=lm.name, cett=cett, target=target, rare=params.rare, table=pd.DataFrame(meta["rows"]),
                           frequency=tensors["frequency"].numpy())
+
+
+def language_table(results: Sequence[LanguageResult]) -> pd.DataFrame:
+    """Activation ratio and perplexity ratio per language (rows) and model (columns)."""
+    rows = pd.concat([r.table.assign(model=r.model) for r in results])
+    return rows.pivot(index="language", columns="model", values=["activation_ratio", "ppl_ratio"])

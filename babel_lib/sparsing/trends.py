@@ -62,6 +62,15 @@ class ScalingResult:
                 out[form] = (group, float(spearmanr(group[x], group["last_ratio"]).statistic))
         return out
 
+    def constants(self) -> pd.DataFrame:
+        """The paper's published constants and ours (one row per fitted run) side by side."""
+        paper = pd.DataFrame([{"source": "paper", "run": f"{form} {scale}", **law.as_row()}
+                              for (form, scale), law in PAPER.items()])
+        if not self.available:
+            return paper
+        ours = self.fits.assign(source="ours", form=self.fits["activation"])
+        return pd.concat([paper, ours[["source", "run", "form", "alpha", "b", "c", "a0", "rmse"]]], ignore_index=True)
+
     @property
     def epochs(self) -> float:
         return float(self.table["epochs"].max()) if "epochs" in self.table else float("nan")
