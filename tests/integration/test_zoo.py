@@ -248,7 +248,8 @@ def test_a_run_trains_measures_every_checkpoint_and_resumes(data_dir, data, tmp_
     for name in ("relu-w16-d2", "silu-w16-d2"):
         record = provenance["runs"][name]
         assert {"device", "torch", "transformers"} <= set(record["machine"]) and record["started"] <= record["finished"]
-        assert set(record["code_sha256"]) == {f"zoo/{m}.py" for m in ("__init__", "__main__", "data", "paths", "spec", "table", "training")} | {"sparsity.py"}
+        modules = ("__init__", "__main__", "data", "paths", "spec", "table", "training")
+        assert set(record["code_sha256"]) == {f"zoo/{m}.py" for m in modules} | {"sparsity.py"}
 
 
 def test_cuda_zoo_without_a_gpu_and_missing_data_are_clear_errors(tmp_path, data_dir):
