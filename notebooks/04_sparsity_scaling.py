@@ -77,7 +77,8 @@ pd.Series({k: v for k, v in P.items()}).to_frame("value")
 
 # %%
 models = {name: load_model(name, P.device, P.dtype) for name in P.models}
-heldout = load_corpus(P.languages, split="heldout", limit=evaluation.paragraphs)
+corpus = load_corpus(P.languages, split="heldout", limit=evaluation.paragraphs)
+heldout = {lang: corpus[lang] for lang in P.languages}  # held-out paragraphs per language
 corpus_sha256 = corpus_info()["sha256"]
 weights = "; ".join(lm.card for lm in models.values())  # names the quantisation of embedded models
 rows = []
