@@ -143,8 +143,8 @@ class ParetoResult:
             at = self.at_cett_ratio(method)
             parts.append(f"{method}: its sweep does not reach that activation ratio" if at is None
                          else f"{method} {at:.2f} ({at / self.perplexity:.2f}x)")
-        lines = [self.warning()] if self.warning() else []
-        return lines + [
+        warning = self.warning()
+        return ([warning] if warning else []) + [
             f"{self.model}: CETT keeps the perplexity at {self.perplexity:.2f} (dense {self.dense_perplexity:.2f}) "
             f"with an activation ratio of {self.activation_ratio:.3f}; at the same activation ratio (interpolated): "
             + ", ".join(parts) + "."]
