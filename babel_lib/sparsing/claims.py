@@ -40,13 +40,13 @@ def cett_beats_baselines(results: Sequence[ParetoResult]) -> Verdict:
             at = r.at_cett_ratio(method)
             if at is not None:
                 ratios.append(at / r.perplexity)
-                here.append(f"{method} {at / r.perplexity:.2f}x")
+                here.append(f"{method} {at / r.perplexity:.2f}x CETT's perplexity")
             else:
-                here.append(f"{method} sweep does not reach it")
+                here.append(f"{method}: its sweep does not reach that ratio")
         if not r.converged:
             unconverged.append(r.model)
         parts.append(f"{r.model} at activation ratio {r.activation_ratio:.3f}: " + ", ".join(here)
-                     + f" CETT's perplexity ({r.tokens:,} predicted tokens, one evaluation set, no CI)")
+                     + f" ({r.tokens:,} predicted tokens, one evaluation set, no CI)")
     ours = "; ".join(parts) + (f"; bisection did not converge for {', '.join(unconverged)}" if unconverged else "")
     better = sum(x > 1 for x in ratios)
     verdict = "not attempted" if not ratios else decide(better == len(ratios) and not unconverged,
