@@ -63,14 +63,15 @@ $(BUILD)/05_prune.ipynb: $(BUILD)/02_profile.ipynb
 
 ## zoo: the micro ReLU/SiLU family trained on the corpus -> data/zoo/zoo.csv + PROVENANCE.json (needs CUDA);
 ##      PROFILE=smoke trains a toy family on the CPU into build/smoke/zoo/
-ZOO_TABLE := $(if $(filter default gpu,$(PROFILE)),data/zoo/zoo.csv,build/$(PROFILE)/zoo/zoo.csv)
+# the library says where a profile's table is (before setup too: `where` needs only the standard library)
+ZOO_TABLE := $(shell $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m babel_lib.sparsing.zoo where --profile $(PROFILE))
 ZOO_JOBS ?= $(if $(filter smoke,$(PROFILE)),1,4)
 zoo: setup
 	$(PY) -m babel_lib.sparsing.zoo prepare --profile $(PROFILE)
 	$(PY) -m babel_lib.sparsing.zoo train --profile $(PROFILE) --jobs $(ZOO_JOBS)
 	$(PY) -m babel_lib.sparsing.zoo table --profile $(PROFILE)
 
-build/smoke/zoo/zoo.csv: babel_lib/sparsing/zoo.py babel_lib/sparsing/sparsity.py configs/smoke.yaml | setup
+build/smoke/zoo/zoo.csv: $(wildcard babel_lib/sparsing/zoo/*.py) babel_lib/sparsing/sparsity.py configs/smoke.yaml | setup
 	$(MAKE) zoo PROFILE=smoke
 $(BUILD)/04_sparsity_scaling.ipynb: $(ZOO_TABLE)
 

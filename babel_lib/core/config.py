@@ -29,7 +29,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "01_convert": ("babel_lib.babel.conversion:ConvertParams",),
     "02_profile": ("babel_lib.babel.profiler:ProfileParams", "babel_lib.babel.analysis:AnalysisParams"),
     "03_massive_activations": ("babel_lib.massive.scan:MassiveParams",),
-    "04_sparsity_scaling": ("babel_lib.sparsing.sparsity:SparsityParams", "babel_lib.sparsing.scaling:ScalingParams"),
+    "04_sparsity_scaling": ("babel_lib.sparsing.studies:EvalParams", "babel_lib.sparsing.studies:ParetoParams",
+                            "babel_lib.sparsing.studies:LanguageParams", "babel_lib.sparsing.scaling:ScalingParams"),
     "05_prune": ("babel_lib.babel.pruning_study:PruneParams",),
 }
 

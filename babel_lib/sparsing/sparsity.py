@@ -35,7 +35,6 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -45,44 +44,12 @@ from babel_lib.core.evaluation import Loss, window_loss
 from babel_lib.core.ffn import FFN, ffn_layers
 from babel_lib.core.hooks import hooked, site
 from babel_lib.core.models import LoadedModel, run_decoder
-from babel_lib.core.study import StudyParams, param
 from babel_lib.errors import BabelError
 
 METHODS = ("cett", "topk", "fat", "relu")
 
 
 # --- CETT on one layer's activations -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SparsityParams(StudyParams):
-    """Notebook 04's measurements: evaluation windows, PPL-p% bisection and the baseline sweeps."""
-
-    KIND: ClassVar[str] = "sparsity-pareto"
-    CODE: ClassVar[tuple[str, ...]] = ("babel_lib.sparsing.sparsity", "babel_lib.core.batches",
-                                       "babel_lib.core.evaluation", "babel_lib.core.hooks")
-
-    seq_len: int = param(128, ge=2)  # tokens per evaluation window: perplexities compare only at this length
-    pareto_languages: tuple[str, ...] = ("en", "ru", "ja", "tr")  # the pooled set for Pareto curves and PPL-p%
-    windows_per_language: int = param(1, ge=1)
-    paragraphs: int = param(40, ge=1)  # held-out paragraphs per language to cut windows from
-    batch_size: int = param(4, ge=1)  # windows per batch; CETT thresholds are derived per batch
-    p: float = param(1.0, gt=0)  # PPL-p%: perplexity ratio target 1 + p/100
-    tol: float = param(1e-3, gt=0)
-    max_iter: int = param(12, ge=1)
-    cett_values: tuple[float, ...] = ()
-    topk_ratios: tuple[float, ...] = (0.3, 0.5, 0.65, 0.8, 0.9, 0.95)
-    fat_quantiles: tuple[float, ...] = (0.05, 0.1, 0.2, 0.35, 0.5, 0.7)
-    language_windows: int = param(1, ge=1)  # held-out windows per language for the per-language analysis
-    rare: float = param(0.01, gt=0, lt=1)  # a neuron kept on fewer than this share of tokens is "rare"
-
-    def check(self) -> None:
-        for name in ("topk_ratios", "fat_quantiles", "cett_values"):
-            bad = [v for v in getattr(self, name) if not 0 < v <= 1]
-            if bad:
-                raise self.invalid(name, f"{bad} must lie in (0, 1]")
-        if not self.pareto_languages:
-            raise self.invalid("pareto_languages", "the list is empty")
 
 
 def neuron_norms(h: torch.Tensor, down_columns: torch.Tensor) -> torch.Tensor:
