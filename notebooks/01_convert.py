@@ -33,8 +33,14 @@ model = ""
 # %%
 import pandas as pd
 
-from babel_lib.babel.conversion import (ConvertParams, check_equivalence, convert, model_table, routed_perplexity,
-                                        verdicts)
+from babel_lib.babel.conversion import (
+                                        ConvertParams,
+                                        check_equivalence,
+                                        convert,
+                                        model_table,
+                                        routed_perplexity,
+                                        verdicts,
+)
 from babel_lib.babel.plots import cohesion_figure, equivalence_figure, routed_figure
 from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore
@@ -69,7 +75,7 @@ model_table(models, params.n_experts)
 # partition sits near zero; clustering should lift every layer above it.
 
 # %%
-conversion = convert(store, models, params, seed=P.seed, languages=P.languages)
+conversion = convert(store, models, params, seed=P.seed, languages=P.languages, source=config.text_source(P))
 display(conversion.table())
 fig = cohesion_figure(conversion.cohesion)
 save_figure(fig, "cohesion", P, caption(P, ", ".join(P.models), n_experts=P.n_experts, method=P.method,
@@ -86,7 +92,7 @@ print("\n".join(conversion.findings()))
 # each layer's experts must change the logits. Tokens: held-out paragraphs of every language.
 
 # %%
-checks = check_equivalence(models, conversion, params, P.languages, seed=P.seed)
+checks = check_equivalence(models, conversion, params, P.languages, seed=P.seed, source=config.text_source(P))
 display(checks.table())
 fig = equivalence_figure(checks.checks)
 save_figure(fig, "equivalence", P, caption(P, ", ".join(P.models), n_experts=P.n_experts, method=P.method,
@@ -104,7 +110,7 @@ print("\n".join(checks.findings()))
 # language; error bars are standard errors of the per-window paired differences.
 
 # %%
-routed = routed_perplexity(models, conversion, params, P.languages, seed=P.seed)
+routed = routed_perplexity(models, conversion, params, P.languages, seed=P.seed, source=config.text_source(P))
 display(routed.table())
 fig = routed_figure(routed)
 save_figure(fig, "routed_perplexity", P, caption(P, ", ".join(P.models), n_experts=P.n_experts, method=P.method,

@@ -41,15 +41,39 @@ model = ""  # "" = the profile's models; else a model name or a comma-separated 
 import numpy as np
 import pandas as pd
 
-from babel_lib.babel.analysis import (AnalysisParams, compare_variants, cross_model_findings, dendrogram, expert_ids,
-                                      frequencies, language_table, reorder, summarize, variant_findings,
-                                      verdicts)
+from babel_lib.babel.analysis import (
+    AnalysisParams,
+    compare_variants,
+    cross_model_findings,
+    dendrogram,
+    expert_ids,
+    frequencies,
+    language_table,
+    reorder,
+    summarize,
+    variant_findings,
+    verdicts,
+)
 from babel_lib.babel.conversion import run_partition
 from babel_lib.babel.explorer import Explorer, load_frequencies
-from babel_lib.babel.plots import (dendrograms, difference_grid, frequency_explorer, frequency_grid,
-                                   high_frequency_layers, model_comparison, shared_specific_layers,
-                                   similarity_matrices, stability, variant_comparison)
-from babel_lib.babel.profiler import ProfileParams, calibration_sample, profile, save_index
+from babel_lib.babel.plots import (
+    dendrograms,
+    difference_grid,
+    frequency_explorer,
+    frequency_grid,
+    high_frequency_layers,
+    model_comparison,
+    shared_specific_layers,
+    similarity_matrices,
+    stability,
+    variant_comparison,
+)
+from babel_lib.babel.profiler import (
+    ProfileParams,
+    calibration_sample,
+    profile,
+    save_index,
+)
 from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.core.figures import caption, save_figure
@@ -70,7 +94,7 @@ pd.Series({k: v for k, v in P.items()}).to_frame("value")
 # groupings we test later.
 
 # %%
-texts = calibration_sample(P.languages, P.paragraphs)
+texts = calibration_sample(P.languages, P.paragraphs, config.text_source(P))
 languages = language_table(P.languages)
 groups = {g: languages[g].tolist() for g in ("family", "genus", "script")}
 languages

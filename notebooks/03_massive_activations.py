@@ -45,15 +45,42 @@ import torch
 from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.core.batches import adds_bos, encode
-from babel_lib.data.corpus import corpus_info, load_corpus
 from babel_lib.core.figures import caption, save_figure
-from babel_lib.massive.scan import (CONDITIONS, Scan, attention_mass, between_within, constancy, group_dims,
-                               head_averaged_attention, intervention_nll, language_windows, locate, measure_means,
-                               paragraph_windows, perplexity, reference_layer, residual_at, scan_residuals,
-                               summarise, target_values, targets_from, token_kinds, token_texts, uniform_mass)
 from babel_lib.core.models import load_model
-from babel_lib.massive.plots import (attention_heatmaps, attention_mass_figure, constancy_figure, language_figure,
-                                     layerwise_figure, perplexity_figure, surface_figure)
+from babel_lib.data.corpus import corpus_info, load_corpus
+from babel_lib.massive.plots import (
+    attention_heatmaps,
+    attention_mass_figure,
+    constancy_figure,
+    language_figure,
+    layerwise_figure,
+    perplexity_figure,
+    surface_figure,
+)
+from babel_lib.massive.scan import (
+    CONDITIONS,
+    Scan,
+    attention_mass,
+    between_within,
+    constancy,
+    group_dims,
+    head_averaged_attention,
+    intervention_nll,
+    language_windows,
+    locate,
+    measure_means,
+    paragraph_windows,
+    perplexity,
+    reference_layer,
+    residual_at,
+    scan_residuals,
+    summarise,
+    target_values,
+    targets_from,
+    token_kinds,
+    token_texts,
+    uniform_mass,
+)
 
 P = config.notebook_params("03_massive_activations", profile, model)
 config.apply_runtime(P)

@@ -50,13 +50,31 @@ from babel_lib.core.ffn import ffn_layers
 from babel_lib.core.figures import caption, save_figure
 from babel_lib.core.models import load_model
 from babel_lib.core.verdicts import save_verdicts, verdict_table
-from babel_lib.data.corpus import corpus_info, load_corpus
 from babel_lib.sparsing.claims import sparsing_verdicts
-from babel_lib.sparsing.plots import (frequency_figure, language_figure, layer_figure, limit_figure, paper_figure,
-                                      pareto_figure, tokens_figure)
-from babel_lib.sparsing.scaling import PAPER, ScalingParams, fit_runs, fitted_curve, measure_checkpoints
-from babel_lib.sparsing.studies import (EvalParams, LanguageParams, ParetoParams, by_language, language_table,
-                                        pareto)
+from babel_lib.sparsing.plots import (
+    frequency_figure,
+    language_figure,
+    layer_figure,
+    limit_figure,
+    paper_figure,
+    pareto_figure,
+    tokens_figure,
+)
+from babel_lib.sparsing.scaling import (
+    PAPER,
+    ScalingParams,
+    fit_runs,
+    fitted_curve,
+    measure_checkpoints,
+)
+from babel_lib.sparsing.studies import (
+    EvalParams,
+    LanguageParams,
+    ParetoParams,
+    by_language,
+    language_table,
+    pareto,
+)
 from babel_lib.sparsing.trends import zoo_scaling
 
 P = config.notebook_params("04_sparsity_scaling", profile, model)
@@ -77,9 +95,10 @@ pd.Series({k: v for k, v in P.items()}).to_frame("value")
 
 # %%
 models = {name: load_model(name, P.device, P.dtype) for name in P.models}
-corpus = load_corpus(P.languages, split="heldout", limit=evaluation.paragraphs)
+source = config.text_source(P)
+corpus = source.load(P.languages, "heldout", evaluation.paragraphs)
 heldout = {lang: corpus[lang] for lang in P.languages}  # held-out paragraphs per language
-corpus_sha256 = corpus_info()["sha256"]
+corpus_sha256 = source.identity  # the corpus file and the profile's filter
 weights = "; ".join(lm.card for lm in models.values())  # names the quantisation of embedded models
 rows = []
 for name, lm in models.items():

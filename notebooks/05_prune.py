@@ -55,7 +55,6 @@ from babel_lib.core.batches import windows
 from babel_lib.core.figures import caption, save_figure
 from babel_lib.core.models import load_model
 from babel_lib.core.verdicts import save_verdicts, verdict_table
-from babel_lib.data.corpus import load_corpus
 
 P = config.notebook_params("05_prune", profile, model)
 config.apply_runtime(P)
@@ -73,7 +72,7 @@ pd.Series(dict(P)).to_frame("value")
 # models (frequency-guided, English) against the dense one on this machine.
 
 # %%
-heldout = load_corpus(list(params.eval_languages), split="heldout", limit=params.paragraphs)
+heldout = config.text_source(P).load(params.eval_languages, "heldout", params.paragraphs)
 texts = {lang: heldout[lang] for lang in params.eval_languages}
 results, speeds = [], []
 for name in P.models:

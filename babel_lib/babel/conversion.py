@@ -29,6 +29,7 @@ from babel_lib.core.ffn import ffn_layers
 from babel_lib.core.hooks import hooked, site
 from babel_lib.core.models import LoadedModel, run_decoder
 from babel_lib.core.study import StudyParams, param
+from babel_lib.data.texts import TextSource
 from babel_lib.errors import BabelError
 
 Method = Literal["kmeans", "random", "contiguous", "coactivation"]
@@ -91,11 +92,9 @@ def texts_sha256(texts: Any) -> str:
     return hashlib.sha256(json.dumps(texts).encode()).hexdigest()
 
 
-def calibration_texts(languages: Sequence[str], paragraphs: int) -> list[str]:
+def calibration_texts(languages: Sequence[str], paragraphs: int, source: TextSource = TextSource()) -> list[str]:
     """The first `paragraphs` calibration paragraphs of every language, language by language."""
-    from babel_lib.data.corpus import load_corpus
-
-    corpus = load_corpus(list(languages), split="calibration", limit=paragraphs)
+    corpus = source.load(languages, "calibration", paragraphs)
     return [text for lang in languages for text in corpus[lang]]
 
 
@@ -144,7 +143,7 @@ def partition_model(lm: LoadedModel, n_experts: int, method: str = "kmeans", *, 
 
 
 def partition(store: ArtefactStore | None, lm: LoadedModel, params: PartitionParams,
-              languages: Sequence[str] = ()) -> Partition:
+              languages: Sequence[str] = (), source: TextSource = TextSource()) -> Partition:
     """`lm`'s partition under `params`, loaded from (or computed into) the "partition" artefact of `store`.
 
     method=coactivation reads the first `calibration_paragraphs` calibration paragraphs of `languages`; their
@@ -154,7 +153,7 @@ def partition(store: ArtefactStore | None, lm: LoadedModel, params: PartitionPar
     if params.method == "coactivation":
         if not languages:
             raise BabelError("method='coactivation' clusters on calibration text: pass the run's languages")
-        texts = calibration_texts(languages, params.calibration_paragraphs)
+        texts = calibration_texts(languages, params.calibration_paragraphs, source)
     key = params.key(model=lm.name, fingerprint=lm.fingerprint, calibration=texts_sha256(texts) if texts else None)
 
     def compute():
@@ -179,7 +178,8 @@ def run_partition(store: ArtefactStore, lm: LoadedModel, profile: str, model: st
     from babel_lib.core import config
 
     P1 = config.notebook_params("01_convert", profile, model)
-    return partition(store, lm, P1.typed(ConvertParams).partition(seed=P1.seed), P1.languages)
+    return partition(store, lm, P1.typed(ConvertParams).partition(seed=P1.seed), P1.languages,
+                     config.text_source(P1))
 
 
 def layer_cohesion(lm: LoadedModel, experts: ExpertMap) -> torch.Tensor:
@@ -231,13 +231,13 @@ class Conversion:
 
 
 def convert(store: ArtefactStore, models: Mapping[str, LoadedModel], params: ConvertParams, *, seed: int = 0,
-            languages: Sequence[str] = ()) -> Conversion:
+            languages: Sequence[str] = (), source: TextSource = TextSource()) -> Conversion:
     """Partition every model with the main method and each baseline (artefacts), and measure their cohesion."""
     partitions, per_model = {}, {}
     for name, lm in models.items():
         per_model[name] = {}
         for method in dict.fromkeys([params.method, *params.baselines]):
-            found = partition(store, lm, params.partition(method, seed), languages)
+            found = partition(store, lm, params.partition(method, seed), languages, source)
             partitions.setdefault(name, found)
             per_model[name][method] = layer_cohesion(lm, found.experts)
     return Conversion(params.method, tuple(m for m in params.baselines if m != params.method), partitions, per_model)
@@ -312,11 +312,10 @@ class EquivalenceChecks:
 
 
 def check_equivalence(models: Mapping[str, LoadedModel], conversion: Conversion, params: ConvertParams,
-                      languages: Sequence[str], seed: int = 0) -> EquivalenceChecks:
+                      languages: Sequence[str], seed: int = 0, source: TextSource = TextSource()
+                      ) -> EquivalenceChecks:
     """`equivalence` of every model's partition on `check_paragraphs` held-out paragraphs per language."""
-    from babel_lib.data.corpus import load_corpus
-
-    corpus = load_corpus(list(languages), split="heldout", limit=params.check_paragraphs)
+    corpus = source.load(languages, "heldout", params.check_paragraphs)
     texts = [text for lang in languages for text in corpus[lang]]
     checks = {}
     for name, lm in models.items():
@@ -381,16 +380,15 @@ class RoutedPerplexity:
 
 @torch.no_grad()
 def routed_perplexity(models: Mapping[str, LoadedModel], conversion: Conversion, params: ConvertParams,
-                      languages: Sequence[str], seed: int = 0, paragraphs: int = 40) -> RoutedPerplexity:
+                      languages: Sequence[str], seed: int = 0, paragraphs: int = 40,
+                      source: TextSource = TextSource()) -> RoutedPerplexity:
     """Perplexity when each token runs only its top `routed_fractions` of every layer's experts (scores: the
     sum of the expert's activations), against the dense model and a random choice of the same share.
 
     Windows: `routed_windows` per language of `routed_seq_len` tokens, cut from the first `paragraphs` held-out
     paragraphs; the loss comes from `evaluation.window_loss` (the chunked LM head).
     """
-    from babel_lib.data.corpus import load_corpus
-
-    corpus = load_corpus(list(languages), split="heldout", limit=paragraphs)
+    corpus = source.load(languages, "heldout", paragraphs)
     control = 1 - params.drop_fraction
     losses, window_langs = {}, []
     for name, lm in models.items():

@@ -35,6 +35,7 @@ from babel_lib.core.batches import Batch, paragraph_batches
 from babel_lib.core.hooks import hooked, site
 from babel_lib.core.models import LoadedModel, run_decoder
 from babel_lib.core.study import StudyParams, param
+from babel_lib.data.texts import TextSource
 from babel_lib.errors import BabelError
 
 RULES = ("topk", "zscore", "threshold")
@@ -247,14 +248,13 @@ def profile_languages(lm: LoadedModel, experts: ExpertMap, texts: Mapping[str, S
             "expert_counts_halves": halves.contiguous(), "tokens_halves": tokens_halves.contiguous()}
 
 
-def calibration_sample(languages: Sequence[str], paragraphs: int | None) -> dict[str, list[str]]:
+def calibration_sample(languages: Sequence[str], paragraphs: int | None, source: TextSource = TextSource()
+                       ) -> dict[str, list[str]]:
     """`paragraphs` rows of the calibration split (all when None), evenly spaced over it so they come from
     many help pages, each in every language: {code: paragraphs}."""
     import numpy as np
 
-    from babel_lib.data.corpus import load_corpus
-
-    corpus = load_corpus(list(languages), split="calibration")
+    corpus = source.load(languages, "calibration")
     n = min(paragraphs or len(corpus), len(corpus))
     rows = np.linspace(0, len(corpus) - 1, n).round().astype(int)
     sample = corpus.select(sorted(set(rows.tolist())))

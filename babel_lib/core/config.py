@@ -55,6 +55,9 @@ class RunParams(StudyParams):
     models: tuple[str, ...] = ()
     corpus: Literal["libreoffice-help", "flores_plus"] = "libreoffice-help"
     corpus_path: str | None = None  # flores_plus: local parquet files in the hub's layout (None = the hub)
+    corpus_kinds: tuple[Literal["heading", "code", "icon_table", "menu_path", "note", "list_item", "table_cell",
+                                "paragraph"], ...] | None = None  # libreoffice-help element kinds kept; None = all
+    corpus_min_words: int | None = param(None, ge=1)  # libreoffice-help rows with at least this many English words
     languages: tuple[str, ...] = ()
 
     def check(self) -> None:
@@ -73,6 +76,16 @@ class RunParams(StudyParams):
                                    f"known: {', '.join(known)}")
         if len(set(self.languages)) != len(self.languages):
             raise self.invalid("languages", "a language is listed twice")
+        self.source()
+
+    def source(self):
+        """The run's text source (babel_lib.data.texts.TextSource)."""
+        from babel_lib.data.texts import TextSource
+
+        try:
+            return TextSource(self.corpus, self.corpus_kinds, self.corpus_min_words, self.corpus_path)
+        except BabelError as err:
+            raise self.invalid("corpus", str(err)) from None
 
     def _where(self) -> str:
         return ""
@@ -91,6 +104,11 @@ class Params(dict):
     def typed(self, cls: type[StudyParams]) -> StudyParams:
         """The validated `cls` object of this notebook's section."""
         return cls.from_mapping({k: self[k] for k in cls.field_names() if k in self})
+
+
+def text_source(P: Params):
+    """The text source of a notebook's parameters (corpus, filter, path)."""
+    return P.typed(RunParams).source()
 
 
 def profiles() -> list[str]:
