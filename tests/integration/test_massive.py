@@ -10,9 +10,10 @@ import torch
 from babel_lib.core.batches import windows as token_windows
 from babel_lib.errors import BabelError
 from babel_lib.core.hooks import hooked, site
-from babel_lib.massive.scan import (MassiveEdit, Target, attention_mass, head_averaged_attention, locate, massive_entries,
-                               measure_means, median_abs, paragraph_windows, sample_index, scan_residuals, summarise,
-                               targets_from, token_kind, top_entries, uniform_mass)
+from babel_lib.massive.attention import attention_mass, head_averaged_attention, uniform_mass
+from babel_lib.massive.intervene import MassiveEdit, measure_means
+from babel_lib.massive.locate import Target, locate, massive_entries, summarize, targets_from, token_kind
+from babel_lib.massive.scan import median_abs, paragraph_windows, sample_index, scan_residuals, top_entries
 from babel_lib.core.models import load_model, run_decoder
 
 from conftest import TEXTS
@@ -87,7 +88,7 @@ def test_planted_activation_is_found_exactly(lm):
         [(DIM, 0, "start", LAYER, 2)] * 3
     assert all(m.peak > 5e3 for m in found)
     assert scanned_set(scan, 100, 1000) == brute_massive(residuals(lm.model, ids), 100, 1000)
-    summary = summarise(scan, found)
+    summary = summarize(scan, found)
     assert [(r["dim"], r["first_layer"], r["last_layer"], r["start"], r["sequences"]) for r in summary] == \
         [(DIM, LAYER, 2, 3, 1.0)]
     assert summary[0]["positions_per_sequence"] == 1.0
