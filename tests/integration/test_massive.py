@@ -272,3 +272,32 @@ def test_paragraph_windows_start_at_paragraphs(lm):
     assert starts == ["Paragraph"] * 3 and ids.shape == (3, 20)
     with pytest.raises(BabelError, match="paragraphs"):
         paragraph_windows(lm.tokenizer, texts[:2], seq_len=20, n_windows=3)
+
+
+def test_study_chain_on_the_planted_model(tmp_path):
+    """scan -> find -> interventions / attention as the notebook calls them: cached, and finding the planted one."""
+    from babel_lib.core.artefacts import ArtefactStore
+    from babel_lib.massive.attention import AttentionParams, attention
+    from babel_lib.massive.intervene import InterventionParams, interventions
+    from babel_lib.massive.locate import CriterionParams, find
+    from babel_lib.massive.scan import ScanParams, scan
+
+    lm = planted("eager")
+    texts = {"en": [f"{t} Paragraph {i}." for i, t in enumerate(TEXTS * 2)],
+             "de": [f"{t} Absatz {i}." for i, t in enumerate(TEXTS * 2)]}
+    store, params = ArtefactStore(tmp_path), ScanParams(seq_len=12, scan_windows=2, scan_paragraphs=4, top_k=8)
+    result = scan(store, lm, params, texts, bos=True, corpus_sha256="abc")
+    again = scan(store, lm, params, texts, bos=True, corpus_sha256="abc")
+    assert torch.equal(result.scan.values, again.scan.values) and result.key == again.key
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 1  # the second call loaded the artefact
+    assert scan(store, lm, params, texts, bos=True, corpus_sha256="other").key != result.key
+    assert result.language.tolist() == [0, 0, 1, 1]
+    located = find(result, lm.tokenizer, CriterionParams())
+    assert located.targets == [Target(DIM, LAYER, 2)]
+    edited = interventions(store, lm, InterventionParams(ppl_windows=1, ppl_paragraphs=4), located, texts)
+    ppl = edited.perplexity
+    assert ppl["mean, every layer"]["en"] == pytest.approx(ppl["original"]["en"], rel=1e-9)
+    assert ppl["zero, every layer"]["en"] != pytest.approx(ppl["original"]["en"], rel=1e-9)
+    attended = attention(lm, AttentionParams(attention_windows=1), located, "Summer is warm.")
+    assert attended.mass.shape == (2, 3) and attended.span == (LAYER, 2) and list(attended.maps) == [1, 2]
+    assert 0 < attended.baseline < 1
