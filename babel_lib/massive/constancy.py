@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from babel_lib.massive.locate import (Located, Target, locate, reference_layer, summarize, target_values,
-                                      targets_from)
+from babel_lib.massive.locate import Located, Target, locate, reference_layer, summarize, target_values, targets_from
 from babel_lib.massive.scan import Scan
 
 
