@@ -50,15 +50,8 @@ from babel_lib.massive.attention import AttentionParams, attention
 from babel_lib.massive.constancy import across_languages, constancy
 from babel_lib.massive.intervene import InterventionParams, interventions
 from babel_lib.massive.locate import CriterionParams, find
-from babel_lib.massive.plots import (
-    attention_heatmaps,
-    attention_mass_figure,
-    constancy_figure,
-    language_figure,
-    layerwise_figure,
-    perplexity_figure,
-    surface_figure,
-)
+from babel_lib.massive.plots import (attention_heatmaps, attention_mass_figure, constancy_figure, language_figure,
+                                     layerwise_figure, perplexity_figure, surface_figure)
 from babel_lib.massive.scan import Run, ScanParams, model_rows, own_tokenisation, runs, scan
 from babel_lib.massive.surface import PromptParams, surface
 

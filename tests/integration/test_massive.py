@@ -6,16 +6,17 @@ import math
 
 import pytest
 import torch
-from conftest import TEXTS
 
 from babel_lib.core.batches import windows as token_windows
 from babel_lib.core.hooks import hooked, site
-from babel_lib.core.models import load_model, run_decoder
-from babel_lib.errors import BabelError
 from babel_lib.massive.attention import attention_mass, head_averaged_attention, uniform_mass
 from babel_lib.massive.intervene import MassiveEdit, measure_means
 from babel_lib.massive.locate import Target, locate, massive_entries, summarize, targets_from, token_kind
 from babel_lib.massive.scan import median_abs, paragraph_windows, sample_index, scan_residuals, top_entries
+from babel_lib.core.models import load_model, run_decoder
+from babel_lib.errors import BabelError
+
+from conftest import TEXTS
 
 LAYER, DIM, CARRIER, NEURON = 1, 5, 7, 11  # plant at block 1, residual dim 5, keyed on embedding dim 7
 TEXT = " ".join(TEXTS * 3)
