@@ -58,11 +58,11 @@ def window_rows(language: torch.Tensor, per_language: int) -> torch.Tensor:
 
 
 def marked_positions(located: Located, rows: torch.Tensor, dim: int) -> torch.Tensor:
-    """[len(rows), T] bool: the token positions of windows `rows` that hold a massive activation of `dim` at any
-    layer."""
+    """[len(rows), T] bool: the token positions of windows `rows` that hold a massive activation of `dim` within its
+    target's layer range."""
     marked = torch.zeros(len(rows), located.scan.scan.ids.shape[1], dtype=torch.bool)
     slot = {int(s): i for i, s in enumerate(rows)}
-    for m in located.found:
+    for m in located.in_range():
         if m.sequence in slot and m.dim == dim:
             marked[slot[m.sequence], m.position] = True
     return marked

@@ -30,12 +30,12 @@ def constancy_rows(scan: Scan, kinds: Sequence[Sequence[str]], targets: Sequence
 
 
 def group_dims(scan: Scan, groups: torch.Tensor, tokenizer, magnitude: float = 100.0, ratio: float = 1000.0,
-               min_share: float = 0.5) -> list[set[int]]:
+               min_share: float = 0.5, max_positions: int | None = None) -> list[set[int]]:
     """The massive dimensions (targets) found in the sequences of each group (e.g. each language) on their own."""
     out = []
     for g in range(int(groups.max()) + 1):
         sub = scan.subset((groups == g).nonzero().flatten())
-        summary = summarize(sub, locate(sub, tokenizer, magnitude, ratio), magnitude, ratio, min_share)
+        summary = summarize(sub, locate(sub, tokenizer, magnitude, ratio), magnitude, ratio, min_share, max_positions)
         out.append({t.dim for t in targets_from(summary)})
     return out
 
@@ -110,7 +110,8 @@ def across_languages(located: Located, tokenizer, languages: Sequence[str]) -> L
     if target is None:
         return None
     scan, lang, criterion = located.scan.scan, located.scan.language, located.criterion.criterion
-    per_language = group_dims(scan, lang, tokenizer, min_share=located.criterion.min_share, **criterion)
+    per_language = group_dims(scan, lang, tokenizer, min_share=located.criterion.min_share,
+                              max_positions=located.criterion.max_positions, **criterion)
     presence = {dim: sum(dim in dims for dims in per_language) for dim in sorted(set.union(*per_language))}
     layer = reference_layer(target)
     by_kind = target_values(scan, located.kinds(tokenizer), target, layer, **criterion)

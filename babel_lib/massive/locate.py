@@ -31,6 +31,9 @@ class CriterionParams(StudyParams):
     magnitude: float = param(100.0, gt=0)  # massive: |h| > magnitude ...
     median_ratio: float = param(1000.0, gt=0)  # ... and |h| >= median_ratio x the sequence's median |h| at that layer
     min_share: float = param(0.5, gt=0, le=1)  # a dimension's layers: massive in >= this share of sequences
+    # ... on at most this many positions of a sequence: more is an outlier feature (a dimension large on most
+    # tokens), not a massive activation (the paper's sit on the starting token and the first delimiter)
+    max_positions: int = param(2, ge=1)
 
     @property
     def criterion(self) -> dict[str, float]:
@@ -110,24 +113,48 @@ def locate(scan: Scan, tokenizer, magnitude: float = 100.0, ratio: float = 1000.
     return found
 
 
-def layer_share(scan: Scan, dim: int, magnitude: float = 100.0, ratio: float = 1000.0) -> torch.Tensor:
-    """[L] the share of sequences in which `dim` is massive at each layer."""
-    hit = (scan.is_massive(magnitude, ratio) & (scan.dims == dim)).any(dim=-1)
+def layer_positions(scan: Scan, dim: int, magnitude: float = 100.0, ratio: float = 1000.0) -> torch.Tensor:
+    """[N, L] on how many token positions `dim` is massive in each sequence at each layer."""
+    return (scan.is_massive(magnitude, ratio) & (scan.dims == dim)).sum(dim=-1)
+
+
+def layer_share(scan: Scan, dim: int, magnitude: float = 100.0, ratio: float = 1000.0,
+                max_positions: int | None = None) -> torch.Tensor:
+    """[L] the share of sequences in which `dim` is massive at each layer (on at most `max_positions` positions of
+    the sequence, when given)."""
+    count = layer_positions(scan, dim, magnitude, ratio)
+    hit = (count > 0) if max_positions is None else (count > 0) & (count <= max_positions)
     return hit.float().mean(dim=0)
 
 
+def longest_run(layers: torch.Tensor) -> list[int]:
+    """The longest run of consecutive True layers of a [L] bool (the earliest of equal runs), as a list."""
+    best: list[int] = []
+    run: list[int] = []
+    for layer, on in enumerate(layers.tolist()):
+        run = run + [layer] if on else []
+        if len(run) > len(best):
+            best = run
+    return best
+
+
 def summarize(scan: Scan, found: Sequence[Massive], magnitude: float = 100.0, ratio: float = 1000.0,
-              min_share: float = 0.5) -> list[dict]:
-    """One row per massive dimension: layer range (any, and where in >= min_share of sequences), located
-    activations per token kind, share of sequences, positions per sequence that has it, largest |value|;
-    sorted by share then size."""
+              min_share: float = 0.5, max_positions: int | None = None) -> list[dict]:
+    """One row per massive dimension: layer range (any; core: the longest run of layers where it is massive on at
+    most max_positions positions in >= min_share of sequences; outlier: layers where it is massive on more positions
+    in >= min_share of sequences, an outlier feature rather than a massive activation), located activations per token
+    kind, share of sequences, positions per sequence that has it, largest |value|; sorted by share then size."""
     rows = []
     for dim in sorted({m.dim for m in found}):
         mine = [m for m in found if m.dim == dim]
-        core = (layer_share(scan, dim, magnitude, ratio) >= min_share).nonzero().flatten().tolist()
+        core = longest_run(layer_share(scan, dim, magnitude, ratio, max_positions) >= min_share)
+        outlier = [] if max_positions is None else \
+            ((layer_positions(scan, dim, magnitude, ratio) > max_positions).float().mean(dim=0) >= min_share
+             ).nonzero().flatten().tolist()
         rows.append({"dim": dim, "first_layer": min(m.first_layer for m in mine),
                      "last_layer": max(m.last_layer for m in mine),
                      "core_first": core[0] if core else None, "core_last": core[-1] if core else None,
+                     "outlier_layers": outlier,
                      **{kind: sum(m.kind == kind for m in mine) for kind in KINDS},
                      "sequences": len({m.sequence for m in mine}) / scan.n_sequences,
                      "positions_per_sequence": len(mine) / len({m.sequence for m in mine}),
@@ -175,6 +202,17 @@ def reference_layer(target: Target) -> int:
 
 
 
+def layer_list(layers: Sequence[int]) -> str:
+    """'1-3, 5' for [1, 2, 3, 5]."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        start = layer if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(f"{start}" if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(parts)
+
+
 @dataclass
 class Located:
     """The massive activations of one scan: every one located, a row per dimension, and the targets."""
@@ -191,7 +229,8 @@ class Located:
 
     @property
     def core(self) -> list[dict[str, Any]]:
-        """The summary rows of the target dimensions (massive in >= min_share of sequences at some layer)."""
+        """The summary rows of the target dimensions (massive on at most max_positions positions in >= min_share of
+        sequences at some layer)."""
         return [r for r in self.summary if r["core_first"] is not None]
 
     @property
@@ -201,6 +240,13 @@ class Located:
             return None
         top = max(self.core, key=lambda r: r["max_abs"])
         return next(t for t in self.targets if t.dim == top["dim"])
+
+    def in_range(self) -> list[Massive]:
+        """The located activations of the target dimensions that are massive within their target's layer range
+        (not only at layers where the dimension is an outlier feature)."""
+        ranges = {t.dim: t for t in self.targets}
+        return [m for m in self.found if m.dim in ranges
+                and m.first_layer <= ranges[m.dim].last_layer and m.last_layer >= ranges[m.dim].first_layer]
 
     def kinds(self, tokenizer) -> list[list[str]]:
         return token_kinds(tokenizer, self.scan.scan.ids)
@@ -215,6 +261,11 @@ class Located:
         if saturated:
             out.append(f"warning: {self.label}: {saturated} (sequence, layer) pairs have all top_k="
                        f"{self.scan.params.top_k} entries massive; raise top_k to see them all")
+        for row in self.summary:
+            if row["outlier_layers"]:
+                out.append(f"{self.label}: dim {row['dim']} is an outlier feature at layer(s) "
+                           f"{layer_list(row['outlier_layers'])}: massive on more than {self.criterion.max_positions} "
+                           "positions in most sequences there, so those layers are not part of its massive range.")
         if not self.core:
             return out + [f"{self.label}: no dimension is massive in at least {self.criterion.min_share:.0%} of the "
                           "sequences."]
@@ -230,5 +281,6 @@ class Located:
 def find(result: ScanResult, tokenizer, params: CriterionParams) -> Located:
     """The study: locate the massive activations of a scan, summarize them per dimension, pick the targets."""
     found = locate(result.scan, tokenizer, **params.criterion)
-    summary = summarize(result.scan, found, min_share=params.min_share, **params.criterion)
+    summary = summarize(result.scan, found, min_share=params.min_share, max_positions=params.max_positions,
+                        **params.criterion)
     return Located(result, params, found, summary, targets_from(summary))

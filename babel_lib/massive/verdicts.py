@@ -50,8 +50,7 @@ def dimensions(located: Located) -> Verdict:
 
 
 def tokens(located: Located) -> Verdict:
-    dims = {t.dim for t in located.targets}
-    mine = [m for m in located.found if m.dim in dims]
+    mine = located.in_range()
     per_window: dict[int, list[bool]] = {}
     for m in mine:
         per_window.setdefault(m.sequence, []).append(m.kind in ("start", "delimiter"))

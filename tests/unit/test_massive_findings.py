@@ -160,3 +160,35 @@ def test_bootstrap_brackets_the_estimate():
     assert math.isclose(est, float(values.std() / values.mean()), rel_tol=1e-6) and low < est < high
     with pytest.raises(ValueError):
         bootstrap(torch.tensor([]))
+
+
+def test_outlier_layers_are_kept_out_of_the_massive_range():
+    """dim 9 is massive on 3 positions per window at layers 0-1 (an outlier feature under max_positions=2), then
+    on the start token alone at layers 2-4 (a massive activation)."""
+    n, layers, k = 4, 5, 4
+    values, dims = torch.ones(n, layers, k), torch.tensor([1, 2, 3, 4]).expand(n, layers, k).clone()
+    positions = torch.full((n, layers, k), 5, dtype=torch.long)
+    values[:, :2, :3], dims[:, :2, :3], positions[:, :2, :3] = 500.0, 9, torch.tensor([1, 2, 3])
+    values[:, 2:, 0], dims[:, 2:, 0], positions[:, 2:, 0] = 2000.0, 9, 0
+    scan = Scan(values, positions, dims, torch.full((n, layers), 0.1), torch.tensor([[1, 2, 3, 4, 5, 1]] * n))
+    located = find(ScanResult(Run("m", True), ScanParams(seq_len=6, top_k=4), scan, torch.zeros(n, dtype=torch.long),
+                              {}), Chars(), CriterionParams())
+    assert [(t.dim, t.first_layer, t.last_layer) for t in located.targets] == [(9, 2, 4)]
+    assert located.summary[0]["outlier_layers"] == [0, 1]
+    assert located.findings()[0] == ("m · with BOS: dim 9 is an outlier feature at layer(s) 0-1: massive on more than "
+                                     "2 positions in most sequences there, so those layers are not part of its "
+                                     "massive range.")
+    assert {(m.position, m.first_layer, m.last_layer) for m in located.in_range()} == {(0, 2, 4)}
+    unlimited = find(located.scan, Chars(), CriterionParams(max_positions=3))
+    assert [(t.first_layer, t.last_layer) for t in unlimited.targets] == [(0, 4)]
+    assert unlimited.summary[0]["outlier_layers"] == []
+
+
+def test_longest_run_and_layer_list():
+    from babel_lib.massive.locate import layer_list, longest_run
+
+    assert longest_run(torch.tensor([True, False, True, True, True, False, True, True])) == [2, 3, 4]
+    assert longest_run(torch.tensor([True, True, False, True, True])) == [0, 1]
+    assert longest_run(torch.tensor([False, False])) == []
+    assert layer_list([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert layer_list([3]) == "3"
