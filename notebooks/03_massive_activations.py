@@ -113,10 +113,13 @@ print("\n".join(line for s in scans.values() for line in s.findings()))
 # Each massive activation is located by feature dimension, token position and token text, and the layers
 # where it meets the criterion. Token kinds: **start** (position 0: BOS, or the first token without BOS),
 # **delimiter** (a token of only punctuation, or a newline), **other**. Per dimension: the first and last layer
-# where it is ever massive, the core range where it is massive in at least `min_share` of the sequences, how
-# many located activations of each kind, in what share of sequences it occurs, and on how many positions of a
-# sequence that has it (a dimension flagged on many positions is an outlier feature of every token rather than
-# a token-specific massive activation).
+# where it is ever massive, how many located activations of each kind, in what share of sequences it occurs, and
+# on how many positions of a sequence that has it. A dimension massive on many positions of a sequence is an
+# *outlier feature* (large on most tokens), not a token-specific massive activation: at a layer where it is massive
+# on more than `max_positions` positions in at least `min_share` of the sequences it is an outlier feature there
+# (`outlier_layers`). Its core range, where it counts as a massive activation and becomes a target of the analyses
+# below, is the longest run of layers where it is massive on 1 to `max_positions` positions in at least
+# `min_share` of the sequences (the paper's sit on the starting token and the first delimiter: 2 positions).
 
 # %%
 located = {run: find(s, models[run.model].tokenizer, CRITERION) for run, s in scans.items()}
