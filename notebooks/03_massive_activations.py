@@ -47,6 +47,7 @@ from babel_lib.core.verdicts import save_verdicts, verdict_table
 from babel_lib.data.corpus import corpus_info, load_corpus
 from babel_lib.massive import verdicts
 from babel_lib.massive.attention import AttentionParams, attention
+from babel_lib.massive.bias import implicit_bias
 from babel_lib.massive.constancy import across_languages, constancy
 from babel_lib.massive.intervene import InterventionParams, interventions
 from babel_lib.massive.locate import CriterionParams, find
@@ -207,6 +208,7 @@ fig.show()
 
 # %%
 heldout = load_corpus(P.languages, split="heldout", limit=P.ppl_paragraphs)
+heldout = {lang: heldout[lang] for lang in P.languages}
 edited = {name: interventions(store, lm, P.typed(InterventionParams), located[own[name]], heldout)
           for name, lm in models.items()}
 edited = {name: result for name, result in edited.items() if result is not None}
@@ -246,6 +248,22 @@ fig.show()
 print("\n".join(line for result in attended.values() for line in result.findings()))
 
 # %% [markdown]
+# ## An implicit attention bias?
+#
+# The paper argues that attention to these tokens adds a nearly fixed vector to every query's output, a bias
+# term. Each layer's attention output is split exactly into the part that comes from the massive-activation tokens,
+# o_proj(Σ_j∈marked a_tj v_j), and the rest, on the same windows as above, for every query after position 0 that
+# does not itself hold the activation. How constant each part is: the mean cosine of its vectors to their mean
+# vector (1 = the same direction for every query and window).
+
+# %%
+biases = {name: implicit_bias(lm, P.typed(AttentionParams), located[own[name]]) for name, lm in models.items()}
+biases = {name: result for name, result in biases.items() if result is not None}
+print("\n".join(line for result in biases.values() for line in result.findings()))
+pd.DataFrame({f"{name}: {part}": getattr(result, part).tolist() for name, result in biases.items()
+              for part in ("massive", "rest")}).rename_axis("layer")
+
+# %% [markdown]
 # ## Verdicts
 #
 # Each claim of the paper (numbers from `../shared/papers/massive-activations.md`) beside ours, with the rule
@@ -256,7 +274,7 @@ print("\n".join(line for result in attended.values() for line in result.findings
 # %%
 found_verdicts = [v for name, lm in models.items()
                   for v in verdicts.verdicts(located[Run(name, False)], lm.tokenizer, edited.get(name),
-                                             attended.get(name))] + [verdicts.implicit_bias()]
+                                             attended.get(name), biases.get(name))]
 save_verdicts(P, found_verdicts)
 verdict_table(found_verdicts)
 

@@ -7,6 +7,7 @@ import torch
 
 from babel_lib.core.verdicts import Verdict, decide
 from babel_lib.massive.attention import Attention
+from babel_lib.massive.bias import ImplicitBias
 from babel_lib.massive.intervene import Interventions
 from babel_lib.massive.locate import KINDS, Located, reference_layer, target_values
 from babel_lib.massive.stats import bootstrap, cv
@@ -151,16 +152,28 @@ def attention(result: Attention | None, model: str) -> Verdict:
                    "partly: mass after >= 2x uniform only (concentration without the onset)")
 
 
-def implicit_bias() -> Verdict:
-    return Verdict(PAPER, "Their attention value updates act as an implicit bias term",
-                   "the attention output's component from these tokens is near constant across inputs",
-                   "not measured in this notebook", "not attempted", "needs the per-token attention output "
-                   "decomposition (issue 12 item 5)")
+def implicit_bias(result: ImplicitBias | None, model: str) -> Verdict:
+    claim = "Their attention value updates act as an implicit bias term"
+    paper = "the attention output's part from these tokens is near constant across tokens and inputs"
+    if result is None or not list(result.layers()):
+        return Verdict(PAPER, claim, paper, f"{model}: no target read by a later layer", "not attempted",
+                       "needs a massive dimension before the last block")
+    layers = list(result.layers())
+    est, low, high = bootstrap(result.per_window)
+    rest = float(result.rest[layers].mean())
+    return Verdict(PAPER, claim, paper,
+                   f"{result.model}, layers {layers[0]}-{layers[-1]}: mean cosine to the mean vector {est:.3f} (95% CI "
+                   f"{low:.3f}-{high:.3f}, {len(result.per_window)} windows) for the part from the massive-activation "
+                   f"tokens, {rest:.3f} for the rest", decide(low >= 0.9 and low > rest, est >= 0.7 and est > rest),
+                   "reproduced: 95% CI lower bound of the per-window mean cosine >= 0.9 and above the rest's; partly: "
+                   "mean cosine >= 0.7 and above the rest's")
 
 
-def verdicts(paper_setting: Located, tokenizer, own: Interventions | None, attn: Attention | None) -> list[Verdict]:
+def verdicts(paper_setting: Located, tokenizer, own: Interventions | None, attn: Attention | None,
+             bias: ImplicitBias | None) -> list[Verdict]:
     """Every claim for one model: the location claims on its scan in the paper's setting (without BOS), the
     intervention and attention claims on its own tokenisation."""
     model = paper_setting.scan.run.model
     return [magnitude(paper_setting), dimensions(paper_setting), tokens(paper_setting), layers(paper_setting),
-            constancy(paper_setting, tokenizer), intervention(own, model), attention(attn, model)]
+            constancy(paper_setting, tokenizer), intervention(own, model), attention(attn, model),
+            implicit_bias(bias, model)]

@@ -301,3 +301,33 @@ def test_study_chain_on_the_planted_model(tmp_path):
     attended = attention(lm, AttentionParams(attention_windows=1), located, "Summer is warm.")
     assert attended.mass.shape == (2, 3) and attended.span == (LAYER, 2) and list(attended.maps) == [1, 2]
     assert 0 < attended.baseline < 1
+    from babel_lib.massive.bias import implicit_bias
+
+    bias = implicit_bias(lm, AttentionParams(attention_windows=1), located)
+    assert list(bias.layers()) == [2] and bias.massive.shape == (3,) and bias.per_window.shape == (2,)
+    assert bias.massive[2] == pytest.approx(1.0, abs=1e-6)  # one marked token, one head per group: same direction
+
+
+def test_attention_parts_add_up_to_the_attention_output():
+    """The implicit-bias split: part from marked keys + rest == o_proj's output, captured by a brute-force hook."""
+    from babel_lib.massive.bias import attention_parts, mean_cosine
+
+    lm = planted("eager")
+    ids = token_windows(lm.tokenizer, [TEXT], seq_len=12, n_windows=2, add_bos=True)
+    marked = torch.zeros(2, 12, dtype=torch.bool)
+    marked[:, 0] = marked[1, 5] = True
+    outputs = {}
+    handles = [block.self_attn.o_proj.register_forward_hook(
+        lambda _m, _a, out, l=l: outputs.__setitem__(l, out.detach())) for l, block in enumerate(lm.model.model.layers)]
+    try:
+        massive, rest = attention_parts(lm.model, ids, marked)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert massive.shape == rest.shape == (2, 3, 12, lm.model.config.hidden_size)
+    for layer, out in outputs.items():
+        assert torch.allclose(massive[:, layer] + rest[:, layer], out.float(), atol=1e-5)
+    nothing = attention_parts(lm.model, ids, torch.zeros(2, 12, dtype=torch.bool))[0]
+    assert torch.all(nothing == 0)
+    assert mean_cosine(torch.tensor([[1.0, 0.0], [2.0, 0.0]])) == pytest.approx(1.0)
+    assert mean_cosine(torch.tensor([[1.0, 0.0], [-1.0, 0.1]])) < 0.2

@@ -192,3 +192,20 @@ def test_longest_run_and_layer_list():
     assert longest_run(torch.tensor([False, False])) == []
     assert layer_list([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
     assert layer_list([3]) == "3"
+
+
+def test_implicit_bias_findings_and_verdict():
+    from babel_lib.massive.bias import ImplicitBias
+
+    result = ImplicitBias("m", (1, 2), torch.tensor([0.1, 0.2, 0.98, 0.97, 0.5]), torch.tensor([0.3] * 5),
+                          torch.tensor([0.97, 0.98, 0.96, 0.99]))
+    assert list(result.layers()) == [2, 3]
+    assert result.findings()[0].startswith("m: in layers 2-3, the attention output's part from the massive-activation "
+                                           "tokens has a mean cosine of 0.975 to its mean vector across queries and "
+                                           "windows (per window 0.975, 95% CI")
+    assert verdicts.implicit_bias(result, "m").verdict == "reproduced"
+    result.per_window = torch.tensor([0.8, 0.75, 0.7, 0.85])
+    assert verdicts.implicit_bias(result, "m").verdict == "partly"
+    result.rest[:] = 0.9
+    assert verdicts.implicit_bias(result, "m").verdict == "not reproduced"
+    assert verdicts.implicit_bias(None, "m").verdict == "not attempted"
