@@ -28,15 +28,19 @@ class AttentionParams(StudyParams):
     attention_windows: int = param(1, ge=1)  # scan windows per language for the attention analysis
 
 
-def head_averaged_attention(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities averaged over heads, [B, L, T, T] float32 (needs attn_implementation='eager')."""
-    with torch.no_grad():
-        out = model.base_model(input_ids=ids.to(next(model.parameters()).device), output_attentions=True,
-                               use_cache=False)
+@torch.no_grad()
+def attention_probabilities(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every layer's attention probabilities [B, H, T, T], on the model's device (needs attn_implementation='eager')."""
+    out = model.base_model(input_ids=ids.to(next(model.parameters()).device), output_attentions=True, use_cache=False)
     if not out.attentions or any(a is None for a in out.attentions):
         raise BabelError("this model returned no attention probabilities; load it with "
                          "load_model(name, attn_implementation='eager')")
-    return torch.stack([a.float().mean(dim=1) for a in out.attentions], dim=1).cpu()
+    return out.attentions
+
+
+def head_averaged_attention(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities averaged over heads, [B, L, T, T] float32 (needs attn_implementation='eager')."""
+    return torch.stack([a.float().mean(dim=1) for a in attention_probabilities(model, ids)], dim=1).cpu()
 
 
 def attention_mass(attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

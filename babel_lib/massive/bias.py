@@ -17,7 +17,7 @@ from torch import nn
 
 from babel_lib.core.ffn import decoder_layers
 from babel_lib.errors import BabelError
-from babel_lib.massive.attention import AttentionParams, marked_positions, window_rows
+from babel_lib.massive.attention import AttentionParams, attention_probabilities, marked_positions, window_rows
 from babel_lib.massive.locate import Located
 from babel_lib.massive.stats import bootstrap
 
@@ -49,14 +49,10 @@ def attention_parts(model: nn.Module, ids: torch.Tensor, marked: torch.Tensor) -
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     with captured_values(model) as values:
-        out = model.base_model(input_ids=ids.to(next(model.parameters()).device), output_attentions=True,
-                               use_cache=False)
-    if not out.attentions or any(a is None for a in out.attentions):
-        raise BabelError("this model returned no attention probabilities; load it with "
-                         "load_model(name, attn_implementation='eager')")
-    mask = marked.to(out.attentions[0].device, torch.float32)[:, None, None, :]  # [B, 1, 1, T]
+        attentions = attention_probabilities(model, ids)
+    mask = marked.to(attentions[0].device, torch.float32)[:, None, None, :]  # [B, 1, 1, T]
     parts = ([], [])
-    for layer, probs in enumerate(out.attentions):
+    for layer, probs in enumerate(attentions):
         batch, _, seq, _ = probs.shape
         v = values[layer].float().view(batch, seq, kv, head_dim).repeat_interleave(heads // kv, dim=2)
         weight = decoder_layers(model)[layer].self_attn.o_proj.weight.float()
