@@ -161,6 +161,9 @@ class Interventions:
     seq_len: int
     nll: dict[str, dict[str, float]]  # condition -> language -> mean next-token NLL
 
+    def __post_init__(self) -> None:
+        self.nll = {c: self.nll[c] for c in CONDITIONS if c in self.nll}  # CONDITIONS order (JSON sorts keys)
+
     @property
     def perplexity(self) -> dict[str, dict[str, float]]:
         return {cond: {lang: perplexity(v) for lang, v in per.items()} for cond, per in self.nll.items()}

@@ -93,8 +93,8 @@ def test_language_findings():
 
 def nll(original: float, zero: float, mean: float, zero_every: float | None = None) -> Interventions:
     zero_every = zero if zero_every is None else zero_every
-    per = {"original": original, "zero, first layer": zero, "mean, first layer": mean,
-           "zero, every layer": zero_every, "mean, every layer": mean}
+    per = {"mean, every layer": mean, "mean, first layer": mean, "original": original,  # sorted, as JSON gives them
+           "zero, every layer": zero_every, "zero, first layer": zero}
     return Interventions("m · with BOS", 64, {c: {"en": math.log(v), "de": math.log(v * 1.1)} for c, v in per.items()})
 
 
