@@ -260,8 +260,7 @@ print("\n".join(line for result in attended.values() for line in result.findings
 biases = {name: implicit_bias(lm, P.typed(AttentionParams), located[own[name]]) for name, lm in models.items()}
 biases = {name: result for name, result in biases.items() if result is not None}
 print("\n".join(line for result in biases.values() for line in result.findings()))
-pd.DataFrame({f"{name}: {part}": getattr(result, part).tolist() for name, result in biases.items()
-              for part in ("massive", "rest")}).rename_axis("layer")
+pd.DataFrame([row for result in biases.values() for row in result.rows()]).set_index(["model", "layer"])
 
 # %% [markdown]
 # ## Verdicts

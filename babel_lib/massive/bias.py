@@ -82,6 +82,11 @@ class ImplicitBias:
         first, last = self.span
         return range(first + 1, min(last + 2, len(self.massive)))
 
+    def rows(self) -> list[dict]:
+        """One row per layer: the two parts' mean cosines, and whether the layer reads the massive activation."""
+        return [{"model": self.model, "layer": layer, "massive part": float(m), "rest": float(r),
+                 "reads it": layer in self.layers()} for layer, (m, r) in enumerate(zip(self.massive, self.rest))]
+
     def findings(self) -> list[str]:
         shown = list(self.layers())
         if not shown:

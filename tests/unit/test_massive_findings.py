@@ -200,6 +200,8 @@ def test_implicit_bias_findings_and_verdict():
     result = ImplicitBias("m", (1, 2), torch.tensor([0.1, 0.2, 0.98, 0.97, 0.5]), torch.tensor([0.3] * 5),
                           torch.tensor([0.97, 0.98, 0.96, 0.99]))
     assert list(result.layers()) == [2, 3]
+    assert [(r["layer"], r["reads it"]) for r in result.rows()] == [(0, False), (1, False), (2, True), (3, True),
+                                                                    (4, False)]
     assert result.findings()[0].startswith("m: in layers 2-3, the attention output's part from the massive-activation "
                                            "tokens has a mean cosine of 0.975 to its mean vector across queries and "
                                            "windows (per window 0.975, 95% CI")
