@@ -265,10 +265,10 @@ class ScanResult:
     def findings(self) -> list[str]:
         layer, top1, median = self.peak()
         ratios = self.window_ratios(layer)
-        low, high = (float(q) for q in torch.quantile(ratios.double(), torch.tensor([0.05, 0.95], dtype=torch.double)))
+        low, mid, high = torch.quantile(ratios.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.double)).tolist()
         return [f"{self.run.label}: the largest activation peaks at layer {layer} with |h| = {top1:,.0f} on "
                 f"average, {top1 / median:,.0f}x the median magnitude there ({median:.2f}).",
-                f"{self.run.label}: per window, top-1 / median at layer {layer} is {float(ratios.median()):,.0f}x "
+                f"{self.run.label}: per window, top-1 / median at layer {layer} has a median of {mid:,.0f}x "
                 f"(5-95% of {len(ratios)} windows: {low:,.0f}x to {high:,.0f}x)."]
 
 
