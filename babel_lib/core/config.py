@@ -28,7 +28,9 @@ BASE_PROFILE = "default"
 SECTIONS: dict[str, tuple[str, ...]] = {
     "01_convert": ("babel_lib.babel.conversion:ConvertParams",),
     "02_profile": ("babel_lib.babel.profiler:ProfileParams", "babel_lib.babel.analysis:AnalysisParams"),
-    "03_massive_activations": ("babel_lib.massive.scan:MassiveParams",),
+    "03_massive_activations": ("babel_lib.massive.scan:ScanParams", "babel_lib.massive.locate:CriterionParams",
+                               "babel_lib.massive.surface:PromptParams", "babel_lib.massive.intervene:InterventionParams",
+                               "babel_lib.massive.attention:AttentionParams"),
     "04_sparsity_scaling": ("babel_lib.sparsing.studies:EvalParams", "babel_lib.sparsing.studies:ParetoParams",
                             "babel_lib.sparsing.studies:LanguageParams", "babel_lib.sparsing.scaling:ScalingParams"),
     "05_prune": ("babel_lib.babel.pruning_study:PruneParams",),
