@@ -13,7 +13,6 @@ clock between barriers (the slowest rank), including the final all-reduce of the
 import argparse
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -107,11 +106,11 @@ def table(files: list[str]) -> list[str]:
     rate = base["tokens"] / base["seconds"]
     same = len({r["counts"] for r in runs}) == 1
     lines = [f"## Profiling on several GPUs: {base['machine']}", "",
-             f"torch {base['torch']}, transformers {base['transformers']}, accelerate {base['accelerate']}, "
+             (f"torch {base['torch']}, transformers {base['transformers']}, accelerate {base['accelerate']}, "
              f"NCCL {base['nccl']}; LLaMA-2-7B shape, random bf16 weights; {base['tokens']:,} tokens "
              f"({base['tokens'] // (ROWS * SEQ)} batches of {ROWS}×{SEQ}) counted by every run; {EXPERTS} experts per "
              "layer, top-k 25%, experts + neurons, compiled counting. Wall clock of the profiled pass (slowest "
-             f"rank, all-reduce included) after a warm-up batch. {base['date']}.", "",
+             f"rank, all-reduce included) after a warm-up batch. {base['date']}."), "",
              "| run | tokens/s | × 1 GPU | seconds | peak memory per GPU (GiB) | counts (sha256) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in runs:
@@ -119,8 +118,8 @@ def table(files: list[str]) -> list[str]:
         mem = " / ".join(f"{m:.1f}" for m in mem) if isinstance(mem, list) else f"{mem:.1f}"
         tps = r["tokens"] / r["seconds"]
         lines.append(f"| {r['mode']} | {tps:,.0f} | {tps / rate:.2f} | {r['seconds']:.2f} | {mem} | {r['counts']} |")
-    lines += ["", f"- every run counted the same {base['tokens']:,} tokens with identical expert, neuron and token "
-              f"counts: {same}"]
+    lines += ["", (f"- every run counted the same {base['tokens']:,} tokens with identical expert, neuron and "
+                   f"token counts: {same}")]
     return lines
 
 

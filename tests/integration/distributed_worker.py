@@ -20,7 +20,7 @@ from babel_lib.errors import BabelError
 from babel_lib.massive.scan import scan_residuals
 from babel_lib.sparsing.sparsity import SparseEvaluator
 
-WORDS = "the quick brown fox jumps over a lazy dog while der schnelle braune Fuchs springt über den Hund".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "der", "schnelle", "Fuchs", "über"]
 TEXTS = {lang: [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(5 + (i * 5 + k) % 23))
                 for i in range(15)] for k, lang in enumerate(["en", "de", "fr"])}
 
