@@ -30,6 +30,7 @@ from torch import nn
 
 from babel_lib.babel.conversion import Partition, texts_sha256
 from babel_lib.babel.moe import SCORE_MODES, SCORERS, ExpertMap, top_experts
+from babel_lib.core import distributed
 from babel_lib.core.artefacts import ArtefactStore, write_json
 from babel_lib.core.batches import Batch, paragraph_batches
 from babel_lib.core.hooks import hooked, site
@@ -140,6 +141,7 @@ class ExpertProfiler:
         self._tally = torch.compile(tally) if compile else tally
         self._z: torch.Tensor | None = None  # [N, L, E] z-scores of the current batch (zscore rule only)
         self._mask: torch.Tensor | None = None
+        self._masks: dict[torch.device, torch.Tensor] = {}
         self._group = 0
         self._stack: ExitStack | None = None
 
@@ -166,6 +168,7 @@ class ExpertProfiler:
         if not 0 <= group < self.n_groups:
             raise BabelError(f"group {group} is outside 0..{self.n_groups - 1}; make the profiler with more n_groups")
         self._mask = count_mask.reshape(-1).to(self.device, torch.bool, non_blocking=True)
+        self._masks = {self.device: self._mask}  # a copy per device of a model split over several (device_map)
         self._group = group
 
     @torch.no_grad()
@@ -189,12 +192,15 @@ class ExpertProfiler:
             if flat.shape[0] != self._mask.numel():
                 raise BabelError(f"the count mask has {self._mask.numel()} tokens but layer {layer} saw "
                                  f"{flat.shape[0]}; call set_batch with this batch's count_mask")
-            self._observe(layer, flat, self._mask)
+            if flat.device not in self._masks:
+                self._masks[flat.device] = self._mask.to(flat.device, non_blocking=True)
+            self._observe(layer, flat, self._masks[flat.device])
 
         return observe
 
     def _observe(self, layer: int, a: torch.Tensor, mask: torch.Tensor) -> None:
-        g, last = self._group, layer == self.experts.n_layers - 1
+        """Count on the layer's own device; the per-layer sums join the counters on the profiler's device."""
+        g, last, home = self._group, layer == self.experts.n_layers - 1, self.device
         scores = self.experts.scores(layer, a, self.mode, self.scorer)
         if self.rule == "zscore":
             if self._z is None or self._z.shape[0] != a.shape[0] or self._z.dtype != scores.dtype:
@@ -202,16 +208,16 @@ class ExpertProfiler:
             self._z[:, layer] = zscores(scores)
             if last:  # every layer's z is in: pick the globally top fraction across layers
                 active = active_experts(self._z.flatten(1), "topk", self.k).view_as(self._z)
-                self.expert_counts[g] += (active & mask[:, None, None]).sum(0)
+                self.expert_counts[g] += (active & mask.to(self._z.device)[:, None, None]).sum(0).to(home)
             if self.neurons:
-                self.neuron_counts[g, layer] += self._positive(a, mask)
+                self.neuron_counts[g, layer] += self._positive(a, mask).to(home)
         else:
             experts, neurons = self._tally(scores, a, mask, self.rule, self.k, self.threshold, self.neurons)
-            self.expert_counts[g, layer] += experts
+            self.expert_counts[g, layer] += experts.to(home)
             if self.neurons:
-                self.neuron_counts[g, layer] += neurons
+                self.neuron_counts[g, layer] += neurons.to(home)
         if last:
-            self.tokens[g] += mask.sum()
+            self.tokens[g] += mask.sum().to(home)
 
 
 def profile_languages(lm: LoadedModel, experts: ExpertMap, texts: Mapping[str, Sequence[str]], *,
@@ -228,18 +234,21 @@ def profile_languages(lm: LoadedModel, experts: ExpertMap, texts: Mapping[str, S
 
     codes = list(texts)
     n = len(codes)
+    jobs = [(2 * i + half, batch) for i, code in enumerate(codes) for half in (0, 1) if list(texts[code])[half::2]
+            for batch in paragraph_batches(lm.tokenizer, list(texts[code])[half::2], batch_tokens=batch_tokens,
+                                           max_length=max_length)]
+    mine = distributed.shard(jobs)  # under torchrun: this rank's batches; the counters are summed below
     with ExpertProfiler(lm, experts, 2 * n, rule=rule, ratio=ratio, threshold=threshold, mode=mode,
                         compile=compile) as prof:
-        for i, code in enumerate(tqdm(codes, desc=f"{lm.name}: profiling", disable=not progress, leave=False)):
-            for half in (0, 1):
-                paragraphs = list(texts[code])[half::2]
-                batches = paragraph_batches(lm.tokenizer, paragraphs, batch_tokens=batch_tokens,
-                                            max_length=max_length) if paragraphs else ()
-                for batch in batches:
-                    prof.count(batch, 2 * i + half)
-    halves = prof.expert_counts.cpu().view(n, 2, *prof.expert_counts.shape[1:]).transpose(0, 1)
-    tokens_halves = prof.tokens.cpu().view(n, 2).T
-    neurons = prof.neuron_counts.cpu().view(n, 2, *prof.neuron_counts.shape[1:]).sum(1)
+        def work():
+            for _, (group, batch) in tqdm(mine, desc=f"{lm.name}: profiling", disable=not progress, leave=False):
+                prof.count(batch, group)
+        distributed.together(work)
+    counts = distributed.all_reduce({"experts": prof.expert_counts, "neurons": prof.neuron_counts,
+                                     "tokens": prof.tokens})
+    halves = counts["experts"].cpu().view(n, 2, *prof.expert_counts.shape[1:]).transpose(0, 1)
+    tokens_halves = counts["tokens"].cpu().view(n, 2).T
+    neurons = counts["neurons"].cpu().view(n, 2, *prof.neuron_counts.shape[1:]).sum(1)
     if int(tokens_halves.min()) == 0:
         empty = [codes[i] for i in range(n) if int(tokens_halves[:, i].min()) == 0]
         raise BabelError(f"languages {empty} have no counted token in one split half; give each at least two "

@@ -200,11 +200,14 @@ def load_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    device_map: str | dict[str, str | int] | None = None,
 ) -> LoadedModel:
     """Load an embedded alias, a `tiny:<model_type>[:seed]` random model, a local folder or a Hugging Face id.
 
     `revision` picks a checkpoint: a git revision (branch, tag, commit) of a Hugging Face id, or a subfolder of a
-    local folder (e.g. Pythia-style `step1000/` checkpoints saved side by side).
+    local folder (e.g. Pythia-style `step1000/` checkpoints saved side by side). `device_map` ("auto",
+    "balanced" or {module name: device}) spreads the layers over the host's GPUs through accelerate, for models
+    larger than one GPU; `device` is then ignored (offloading to "disk" is not supported: weights must be real).
     """
     from babel_lib.core.tiny import tiny_model
 
@@ -216,18 +219,39 @@ def load_model(
             raise BabelError(f"{name} is a random model with no revisions; drop revision={revision!r}")
         model, tokenizer = tiny_model(name, attn_implementation)
         card = f"{name} (randomly initialised, for tests)"
+        if device_map is not None:
+            model = dispatch(model.to(dt), device_map)
     else:
-        model, tokenizer, card = _load_pretrained(name, dt, attn_implementation, trust_remote_code, revision)
-    model = model.to(device=dev, dtype=dt).eval()
+        model, tokenizer, card = _load_pretrained(name, dt, attn_implementation, trust_remote_code, revision,
+                                                  device_map)
+    model = (model if device_map is not None else model.to(device=dev, dtype=dt)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, fingerprint=fingerprint(model), card=card)
 
 
-def _load_pretrained(name, dtype, attn_implementation, trust_remote_code, revision=None):
+def dispatch(model: nn.Module, device_map: str | dict[str, str | int]) -> nn.Module:
+    """An in-memory model spread over devices by accelerate ("auto"/"balanced": balanced over the GPUs)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced"):
+            raise BabelError(f"device_map={device_map!r}: use 'auto', 'balanced' or {{module name: device}}")
+        no_split = model._no_split_modules
+        device_map = infer_auto_device_map(model, max_memory=get_balanced_memory(model, no_split_module_classes=no_split),
+                                           no_split_module_classes=no_split)
+    if any(d in ("disk", "meta") for d in device_map.values()):
+        raise BabelError(f"device_map puts modules on disk/meta ({device_map}); babel needs every weight on a device")
+    return dispatch_model(model, device_map=device_map, force_hooks=True)
+
+
+def _load_pretrained(name, dtype, attn_implementation, trust_remote_code, revision=None, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     tokenizer_kwargs = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from babel_lib.core import distributed
 from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.core.batches import adds_bos
 from babel_lib.core.batches import windows as token_windows
@@ -178,9 +179,13 @@ class ResidualScan:
         self._batches.append(tuple(torch.stack(parts, dim=1) for parts in zip(*per_layer)))
         self._layer = {}
 
-    def result(self, ids: torch.Tensor) -> Scan:
-        """Everything scanned so far, moved to the CPU in one go."""
-        values, positions, dims, median = (torch.cat(parts).cpu() for parts in zip(*self._batches))
+    def result(self, ids: torch.Tensor, rows: Sequence[int] | None = None) -> Scan:
+        """Everything scanned so far, moved to the CPU in one go; `rows`: the sequences of `ids` this rank
+        scanned, gathered from every rank (distributed.gather_rows)."""
+        parts = (torch.cat(part) for part in zip(*self._batches))
+        if rows is not None:
+            parts = (distributed.gather_rows(part, rows, ids.shape[0]) for part in parts)
+        values, positions, dims, median = (part.cpu() for part in parts)
         return Scan(values, positions, dims, median, ids.cpu())
 
 
@@ -197,11 +202,20 @@ def scan_residuals(model: nn.Module, windows: torch.Tensor, *, batch_size: int =
                          f"{tuple(windows.shape)}")
     device = next(model.parameters()).device
     scan = ResidualScan(len(decoder_layers(model)), top_k, median_sample)
-    with hooked(model, scan.hooks()):
-        for start in range(0, windows.shape[0], batch_size):
-            run_decoder(model, windows[start : start + batch_size].to(device))
-            scan.end_batch()
-    return scan.result(windows)
+    if math.ceil(windows.shape[0] / batch_size) < distributed.world_size():  # every rank sees this: none waits
+        raise BabelError(f"{windows.shape[0]} windows make fewer batches of {batch_size} than the "
+                         f"{distributed.world_size()} processes; use fewer processes or a smaller batch_size")
+    starts = distributed.shard(range(0, windows.shape[0], batch_size))  # under torchrun: this rank's batches
+
+    def work():
+        with hooked(model, scan.hooks()):
+            for _, start in starts:
+                run_decoder(model, windows[start : start + batch_size].to(device))
+                scan.end_batch()
+
+    distributed.together(work)
+    rows = [i for _, start in starts for i in range(start, min(start + batch_size, windows.shape[0]))]
+    return scan.result(windows, rows if distributed.active() else None)
 
 
 @dataclass(frozen=True)
