@@ -68,12 +68,8 @@ from babel_lib.babel.plots import (
     stability,
     variant_comparison,
 )
-from babel_lib.babel.profiler import (
-    ProfileParams,
-    calibration_sample,
-    profile,
-    save_index,
-)
+from babel_lib.babel import profiler
+from babel_lib.babel.profiler import ProfileParams, calibration_sample, save_index
 from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.core.figures import caption, save_figure
@@ -111,7 +107,8 @@ profiles, n_experts = {}, None
 for name in P.models:
     lm = load_model(name, P.device, P.dtype)
     part = run_partition(store, lm, profile, model)
-    profiles[name], n_experts = profile(store, lm, part, counting, texts, split="calibration"), part.params.n_experts
+    profiles[name] = profiler.profile(store, lm, part, counting, texts, split="calibration")
+    n_experts = part.params.n_experts
     del lm, part
 save_index(P.artefacts, P.run, profiles)
 pd.DataFrame({name: p.summary() for name, p in profiles.items()})
@@ -301,7 +298,7 @@ variants = {}
 for base_name, instruct_name in P.instruct_pairs:
     base = load_model(base_name, P.device, P.dtype)
     part = run_partition(store, base, profile, model)
-    freq = {lm.name: frequencies(*(profile(store, lm, part, counting, texts, split="calibration").tensors[k]
+    freq = {lm.name: frequencies(*(profiler.profile(store, lm, part, counting, texts, split="calibration").tensors[k]
                                    for k in ("expert_counts", "tokens")))
             for lm in (base, load_model(instruct_name, P.device, P.dtype))}
     variants[f"{base_name} → {instruct_name}"] = compare_variants(freq[base_name], freq[instruct_name], P.tau_high)

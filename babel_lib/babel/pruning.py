@@ -42,7 +42,7 @@ class Frequencies:
 
     languages: tuple[str, ...]
     values: torch.Tensor  # [langs, L, E] float64: counts / tokens
-    partition: Mapping[str, Any]  # the partition's parameters (conversion.partition_params)
+    partition: Mapping[str, Any]  # the partition's parameters (PartitionParams.as_dict())
 
     @classmethod
     def from_artefact(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Frequencies:

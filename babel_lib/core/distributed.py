@@ -150,43 +150,27 @@ class RankZeroStore(ArtefactStore):
 
 def profile_run(profile: str, model: str = "") -> list[Path]:
     """Notebook 02's counting pass (its text, partition and settings under `profile`), on this rank's share of
-    the batches; writes the "frequencies" artefacts the notebook then loads. Returns their paths."""
-    import numpy as np
-
-    from babel_lib.babel.conversion import partition_model, partition_params
-    from babel_lib.babel.profiler import cached_profile
+    the batches; writes the "frequencies" artefacts the notebook then loads (the same keys). Returns their paths."""
+    from babel_lib.babel import profiler
+    from babel_lib.babel.conversion import run_partition
     from babel_lib.core import config
-    from babel_lib.core.batches import paragraph_batches
     from babel_lib.core.models import load_model
-    from babel_lib.data.corpus import load_corpus
 
     P = config.notebook_params("02_profile", profile, model)
-    P1 = config.notebook_params("01_convert", profile, model)
     torch.set_num_threads(int(P.threads))
     torch.manual_seed(P.get("seed", 0))
     device = init()
     store = RankZeroStore(P.artefacts)
-    calibration = load_corpus(P.languages, split="calibration")
-    count = min(P.paragraphs or len(calibration), len(calibration))  # the notebook's evenly spaced rows
-    rows = np.linspace(0, len(calibration) - 1, count).round().astype(int)
-    sample = calibration.select(sorted(set(rows.tolist())))
-    texts = {lang: sample[lang] for lang in P.languages}
+    texts = profiler.calibration_sample(P.languages, P.paragraphs, config.text_source(P))
+    params = P.typed(profiler.ProfileParams)
     paths = []
     for name in P.models:
         lm = load_model(name, device if P.device in ("auto", "cuda") else P.device, P.dtype)
-        coactivation = None
-        if P1.method == "coactivation":
-            corpus = load_corpus(P.languages, split="calibration", limit=P1.calibration_paragraphs)
-            coactivation = paragraph_batches(lm.tokenizer, [t for lang in P.languages for t in corpus[lang]])
-        experts = partition_model(lm, P1.n_experts, P1.method, seed=P1.seed, iters=P1.kmeans_iters, store=store,
-                                  calibration=coactivation)
-        partition = partition_params(lm, P1.n_experts, P1.method, P1.seed, P1.kmeans_iters)
-        _, _, path = cached_profile(store, lm, experts, partition, texts, split="calibration",
-                                    max_length=P.max_length, batch_tokens=P.batch_tokens, compile=P.compile,
-                                    rule=P.rule, ratio=P.ratio, threshold=P.threshold, mode=P.mode)
-        paths.append(path)
+        part = run_partition(store, lm, profile, model)
+        result = profiler.profile(store, lm, part, params, texts, split="calibration", progress=rank() == 0)
+        paths.append(result.path)
         if rank() == 0:
-            print(f"{name}: {path} ({world_size()} processes)", flush=True)
+            print(f"{name}: {result.path} ({world_size()} processes)", flush=True)
     return paths
 
 

@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from babel_lib.babel.conversion import partition_model
-from babel_lib.babel.profiler import ExpertProfiler, cached_profile, profile_languages
+from babel_lib.babel.conversion import PartitionParams, partition, partition_model
+from babel_lib.babel.profiler import ExpertProfiler, ProfileParams, profile, profile_languages
 from babel_lib.core import distributed
 from babel_lib.core.batches import windows
 from babel_lib.core.evaluation import window_loss
@@ -41,13 +41,13 @@ def results() -> dict:
 
 def fail(root: str) -> None:
     lm = load_model("tiny:llama", device="cpu", dtype="float32")
-    experts = partition_model(lm, 8, "random", seed=3)
+    part = partition(None, lm, PartitionParams(n_experts=8, method="random", seed=3))
     if distributed.rank() == 1:
         def broken(self, layer, a, mask):
             raise BabelError("a hook on rank 1 met bad input")
         ExpertProfiler._observe = broken
-    cached_profile(distributed.RankZeroStore(root), lm, experts, {"method": "random"}, TEXTS, split="calibration",
-                   batch_tokens=96, max_length=40)
+    profile(distributed.RankZeroStore(root), lm, part, ProfileParams(batch_tokens=96, max_length=40), TEXTS,
+            split="calibration", progress=False)
 
 
 if __name__ == "__main__":
