@@ -62,7 +62,7 @@ def test_overrides_and_bad_parameters():
         config.notebook_params("01_convert", "smoke", n_expert=8)
     with pytest.raises(BabelError, match="unknown profile 'fast'.*default"):
         config.notebook_params("01_convert", "fast")
-    with pytest.raises(BabelError, match="no section for notebook '99_nope'"):
+    with pytest.raises(BabelError, match="unknown notebook '99_nope'; notebooks are 01_convert"):
         config.notebook_params("99_nope", "smoke")
 
 

@@ -157,7 +157,7 @@ def test_explorer_displays_as_a_widget():
 
 def test_explorer_app_says_what_to_run_without_artefacts(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "empty.yaml").write_text("notebooks:\n  02_profile: {}\n")
+    (tmp_path / "configs" / "empty.yaml").write_text("models: [tiny:llama]\nlanguages: [en]\nnotebooks:\n  02_profile: {}\n")
     monkeypatch.setattr(config, "ROOT", tmp_path)
     shown_widget = explorer_app("empty")
     assert "make figures" in shown_widget.value and "index-empty.json" in shown_widget.value
