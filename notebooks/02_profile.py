@@ -50,7 +50,7 @@ from babel_lib.babel.analysis import (
     frequencies,
     language_table,
     reorder,
-    summarize,
+    analyse,
     variant_findings,
     verdicts,
 )
@@ -123,10 +123,7 @@ pd.DataFrame({name: p.summary() for name, p in profiles.items()})
 # the design effect the halves reveal), and a difference counts as real when it exceeds `noise_z` of them.
 
 # %%
-summaries = {name: summarize(p.tensors.expert_counts, p.tensors.tokens, p.tensors.expert_counts_halves,
-                             p.tensors.tokens_halves, P.languages, groups, tau_high=P.tau_high, tau_low=P.tau_low,
-                             metric=P.similarity, center=P.center, max_specific=P.max_specific,
-                             n_permutations=P.n_permutations, seed=P.seed, z=P.noise_z, model=name)
+summaries = {name: analyse(p.tensors, P.languages, groups, analysis, seed=P.seed, model=name)
              for name, p in profiles.items()}
 details = {"paragraphs": f"{len(texts[P.languages[0]])}/language calibration", "rule": P.rule, "ratio": P.ratio,
            "threshold": P.threshold, "mode": P.mode, "n_experts": n_experts}

@@ -393,6 +393,15 @@ class Summary:
                 + self.shared_findings() + self.family_findings(alpha) + self.stability_findings())
 
 
+def analyse(profile_tensors: Mapping[str, Any], languages: Sequence[str], groups: Mapping[str, Sequence[str]],
+            params: AnalysisParams, *, seed: int = 0, model: str = "") -> Summary:
+    """`summarize` of a "frequencies" artefact's tensors with a profile's AnalysisParams."""
+    return summarize(*(profile_tensors[k] for k in ("expert_counts", "tokens", "expert_counts_halves", "tokens_halves")),
+                     languages, groups, tau_high=params.tau_high, tau_low=params.tau_low, metric=params.similarity,
+                     center=params.center, max_specific=params.max_specific, n_permutations=params.n_permutations,
+                     seed=seed, z=params.noise_z, model=model)
+
+
 def summarize(counts: Any, tokens: Any, counts_halves: Any, tokens_halves: Any, languages: Sequence[str],
               groups: Mapping[str, Sequence[str]], *, tau_high: float, tau_low: float, metric: str = "pearson",
               center: bool = False, max_specific: int = 1, n_permutations: int = 10000, seed: int = 0,
