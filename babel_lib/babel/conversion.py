@@ -19,7 +19,7 @@ from babel_lib.core.hooks import hooked, site
 from babel_lib.core.evaluation import lm_logits
 from babel_lib.core.models import LoadedModel, run_decoder
 from babel_lib.babel.moe import ExpertMap, routed
-from babel_lib.babel.partition import cohesion, partition_labels
+from babel_lib.babel.partition import check_n_experts, cohesion, partition_labels
 
 
 
@@ -57,6 +57,7 @@ def coactivation_features(lm: LoadedModel, batches: Iterable[Batch]) -> list[tor
 def partition_model(lm: LoadedModel, n_experts: int, method: str = "kmeans", *, seed: int = 0, iters: int = 30,
                     store: ArtefactStore | None = None, calibration: Iterable[Batch] | None = None) -> ExpertMap:
     """Partition every FFN layer of `lm` into `n_experts` balanced experts (cached in `store` when given)."""
+    check_n_experts(n_experts)
     params = partition_params(lm, n_experts, method, seed, iters)
 
     def compute():
