@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
         return 2
     src, out, options = Path(argv[0]), Path(argv[1]), argv[2:]
     name = notebook_name(src)
-    log, pid, staging = out.parent / f"{name}.log", out.parent / f"{name}.pid", out.parent / "staging" / name
+    log, pid = out.parent / f"{name}.log", out.parent / f"{name}.pid"
+    staging = (out.parent / "staging" / name).resolve()  # absolute: the kernel runs in papermill's --cwd
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     out.unlink(missing_ok=True)  # so a failure is read from this run's notebook, not an earlier one
     pid.write_text(str(os.getpid()))

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from babel_lib.core.artefacts import atomic_path, write_json
+from babel_lib.core.artefacts import atomic_path, remove_stale_temps, write_json
 from babel_lib.errors import BabelError
 
 STAGING = "BABEL_FIGURE_STAGING"  # environment variable: the folder figures are staged in until publish()
@@ -114,4 +114,5 @@ def publish(staging: str | Path) -> Path | None:
         shutil.move(staging / notebook, target)
     _merge_manifest(figures, record["entries"], replace=notebooks)
     shutil.rmtree(staging)
+    remove_stale_temps(figures)  # left by killed interactive runs, which write figures in place
     return figures

@@ -35,11 +35,14 @@ def probe(tmp_path):
     figures.mkdir()
     (figures / "manifest.json").write_text(json.dumps({"01_x/y": {"notebook": "01_x", "name": "y"}}))
 
+    (tmp_path / "notebooks").mkdir()
+
     def run(fail: bool) -> subprocess.CompletedProcess:
+        """Like make: paths relative to the folder it runs in, the kernel in another folder (--cwd)."""
         return subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "run_notebook.py"), str(src), str(tmp_path / "99_probe.tmp.ipynb"),
-             "-k", "babel", "-p", "fail", str(fail), "-p", "figures", str(figures)],
-            capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": str(ROOT)})
+            [sys.executable, str(ROOT / "scripts" / "run_notebook.py"), "src/99_probe.ipynb", "99_probe.tmp.ipynb",
+             "--cwd", "notebooks", "-k", "babel", "-p", "fail", str(fail), "-p", "figures", str(figures)],
+            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(ROOT)})
 
     return run, tmp_path, figures
 
@@ -50,12 +53,13 @@ def test_a_failing_notebook_prints_one_line_and_publishes_nothing(probe):
     done = run(fail=True)
     log = build / "99_probe.log"
     assert done.returncode == 1 and done.stdout == ""  # In [4]: papermill injects a parameters cell
-    assert done.stderr.strip() == (f"error: notebook 99_probe failed in cell In [4]: ZeroDivisionError: probe failure "
-                                   f"(full log: {log})")
+    assert done.stderr.strip() == ("error: notebook 99_probe failed in cell In [4]: ZeroDivisionError: probe failure "
+                                   "(full log: 99_probe.log)")
     assert "Traceback" in log.read_text() or "ZeroDivisionError" in log.read_text()
     assert not (figures / "99_probe").exists()
     assert list(json.loads((figures / "manifest.json").read_text())) == ["01_x/y"]
     assert not (build / "staging").exists() or not any((build / "staging").iterdir())
+    assert not (build / "notebooks" / "staging").exists()
     assert not (build / "99_probe.pid").exists()
 
 
