@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 RUN := $(PROFILE)$(if $(MODEL),-$(subst /,_,$(subst :,_,$(MODEL))))
 BUILD := build/$(RUN)
-NOTEBOOKS := 01_convert 02_profile 03_massive_activations 04_sparsity_scaling
+NOTEBOOKS := 01_convert 02_profile 03_massive_activations 04_sparsity_scaling 05_prune
 LIB := $(shell find babel_lib -name '*.py') pyproject.toml
 EXECUTED := $(NOTEBOOKS:%=$(BUILD)/%.ipynb)
 PROFILES := $(sort $(basename $(notdir $(wildcard configs/*.yaml))))
@@ -18,7 +18,7 @@ ifeq ($(wildcard configs/$(PROFILE).yaml),)
 $(error unknown profile '$(PROFILE)': profiles are $(PROFILES) (configs/<profile>.yaml))
 endif
 
-.PHONY: setup models data data-check figures test lab explore zoo clean
+.PHONY: setup models data data-check check-profile figures test lab explore zoo clean
 .DELETE_ON_ERROR:
 
 ## setup: virtual environment, the package with its notebook and test extras, kernel, Chromium, embedded models
@@ -45,8 +45,12 @@ data: setup
 data-check: setup
 	$(PY) -m babel_lib.data.build --check
 
-## figures: execute the notebooks in order (jupytext -> papermill), each reading the previous one's artefacts
-figures: $(EXECUTED)
+## check-profile: validate configs/$(PROFILE).yaml (and MODEL) before anything runs: one line per problem
+check-profile: setup
+	@$(PY) -m babel_lib.core.config check $(PROFILE) "$(MODEL)"
+
+## figures: execute the notebooks (jupytext -> papermill); a notebook waits only for those whose artefacts it reads
+figures: check-profile $(EXECUTED)
 	@echo "figures: figures/$(RUN)/ (manifest.json) · notebooks: $(BUILD)/*.html"
 
 $(BUILD)/%.ipynb: notebooks/%.py $(LIB) configs/$(PROFILE).yaml | models
@@ -57,21 +61,21 @@ $(BUILD)/%.ipynb: notebooks/%.py $(LIB) configs/$(PROFILE).yaml | models
 	$(BIN)/jupyter nbconvert --log-level WARN --to html $(BUILD)/$*.tmp.ipynb --output $*.html --output-dir $(BUILD)
 	mv $(BUILD)/$*.tmp.ipynb $@
 
-# the chain: each notebook runs after the one before it and may read its artefacts
+# what each notebook reads: 02 the partition of 01; 05 the partition and 02's frequencies; 03 and 04 read nothing from the others (04 reads the zoo table)
 $(BUILD)/02_profile.ipynb: $(BUILD)/01_convert.ipynb
-$(BUILD)/03_massive_activations.ipynb: $(BUILD)/02_profile.ipynb
-$(BUILD)/04_sparsity_scaling.ipynb: $(BUILD)/03_massive_activations.ipynb
+$(BUILD)/05_prune.ipynb: $(BUILD)/02_profile.ipynb
 
 ## zoo: the micro ReLU/SiLU family trained on the corpus -> data/zoo/zoo.csv + PROVENANCE.json (needs CUDA);
 ##      PROFILE=smoke trains a toy family on the CPU into build/smoke/zoo/
-ZOO_TABLE := $(if $(filter default gpu,$(PROFILE)),data/zoo/zoo.csv,build/$(PROFILE)/zoo/zoo.csv)
+# the library says where a profile's table is (before setup too: `where` needs only the standard library)
+ZOO_TABLE := $(shell $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m babel_lib.sparsing.zoo where --profile $(PROFILE))
 ZOO_JOBS ?= $(if $(filter smoke,$(PROFILE)),1,4)
 zoo: setup
 	$(PY) -m babel_lib.sparsing.zoo prepare --profile $(PROFILE)
 	$(PY) -m babel_lib.sparsing.zoo train --profile $(PROFILE) --jobs $(ZOO_JOBS)
 	$(PY) -m babel_lib.sparsing.zoo table --profile $(PROFILE)
 
-build/smoke/zoo/zoo.csv: babel_lib/sparsing/zoo.py babel_lib/sparsing/sparsity.py configs/smoke.yaml | setup
+build/smoke/zoo/zoo.csv: $(wildcard babel_lib/sparsing/zoo/*.py) babel_lib/sparsing/sparsity.py configs/smoke.yaml | setup
 	$(MAKE) zoo PROFILE=smoke
 $(BUILD)/04_sparsity_scaling.ipynb: $(ZOO_TABLE)
 

@@ -33,13 +33,6 @@ LLAMA = {  # LlamaConfig keywords, and the batch to time
 }
 
 
-class ExpertMapScores(ExpertProfiler):
-    """The profiler with scores from ExpertMap.scores (a.float() @ one-hot in fp32), to price the fast path."""
-
-    def _scores(self, layer, a):
-        return self.experts.scores(layer, a, self.mode)
-
-
 def variants(device: torch.device) -> dict[str, dict]:
     """Profiler settings to time, by row label (None = the bare forward)."""
     rows = {
@@ -56,7 +49,6 @@ def variants(device: torch.device) -> dict[str, dict]:
         rows["topk 25%, sum, experts only, compiled counting"] = {"neurons": False, "compile": True}
         rows["topk 25%, sum, experts + neurons, compiled counting"] = {"compile": True}
         rows["threshold > 0, sum, experts + neurons, compiled counting"] = {"rule": "threshold", "compile": True}
-        rows["topk 25%, sum, experts + neurons, fp32 ExpertMap.scores"] = {"fp32": True}
     return rows
 
 
@@ -114,7 +106,7 @@ def measure(model, batches, device, n_experts: int, warmup: int, runs: int):
     for label, setting in variants(device).items():
         if setting is not None:
             setting = dict(setting)
-            cls = ExpertMapScores if setting.pop("fp32", False) else ExpertProfiler
+            cls = ExpertProfiler
             profilers[label] = cls(model, experts, **setting)
 
     def run(label):

@@ -21,9 +21,9 @@
 # put together: balanced k-means on the L2-normalised rows of `W_gate` (of `W_in` for ungated FFNs).
 #
 # This notebook partitions every layer of each model, compares the partition's cohesion with random and
-# contiguous baselines, checks that the converted model reproduces the dense model, and saves the partition
-# for the next notebooks. All results below are computed by this run; the embedded models are 4-bit
-# quantised GGUF weights, dequantised to float.
+# contiguous baselines, measures what the conversion is for (the perplexity of the routed model when each token
+# runs only its top experts), and saves the partition for the next notebooks. All results below are computed by
+# this run; the embedded models are 4-bit quantised GGUF weights, dequantised to float (every caption says so).
 
 # %% tags=["parameters"]
 # profile: configs/<profile>.yaml; model: empty for the profile's models, else a name or a comma-separated list
@@ -32,20 +32,25 @@ model = ""
 
 # %%
 import pandas as pd
-import torch
 
+from babel_lib.babel.conversion import (
+                                        ConvertParams,
+                                        check_equivalence,
+                                        convert,
+                                        model_table,
+                                        routed_perplexity,
+                                        verdicts,
+)
+from babel_lib.babel.plots import cohesion_figure, equivalence_figure, routed_figure
 from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore
-from babel_lib.core.batches import paragraph_batches
-from babel_lib.babel.conversion import equivalence, layer_cohesion, partition_model
-from babel_lib.data.corpus import load_corpus
-from babel_lib.core.ffn import ffn_layers
 from babel_lib.core.figures import caption, save_figure
 from babel_lib.core.models import load_model
-from babel_lib.babel.plots import cohesion_figure, equivalence_figure
+from babel_lib.core.verdicts import save_verdicts, verdict_table
 
 P = config.notebook_params("01_convert", profile, model)
 config.apply_runtime(P)
+params = P.typed(ConvertParams)
 store = ArtefactStore(P.artefacts)
 pd.Series({k: v for k, v in P.items()}).to_frame("value")
 
@@ -57,15 +62,7 @@ pd.Series({k: v for k, v in P.items()}).to_frame("value")
 
 # %%
 models = {name: load_model(name, P.device, P.dtype) for name in P.models}
-rows = []
-for name, lm in models.items():
-    layers = ffn_layers(lm.model)
-    width = layers[0].width
-    rows.append({"model": name, "architecture": type(lm.model).__name__, "layers": len(layers),
-                 "d_model": lm.model.config.hidden_size, "d_ff": width, "gated": layers[0].gated,
-                 "activation": type(layers[0].act).__name__, "n_experts": P.n_experts,
-                 "neurons per expert": f"{width / P.n_experts:g}", "weights": lm.card})
-pd.DataFrame(rows).set_index("model")
+model_table(models, params.n_experts)
 
 # %% [markdown]
 # ## Partition every layer
@@ -73,71 +70,63 @@ pd.DataFrame(rows).set_index("model")
 # Balanced k-means gives every expert exactly `d_ff / n_experts` neurons (sizes differ by at most one when
 # `n_experts` does not divide `d_ff`). The partitions are artefacts keyed by the model's fingerprint and the
 # parameters, so re-running reuses them and the next notebooks load them.
-
-# %%
-calibration_texts = [t for lang in P.languages
-                     for t in load_corpus(P.languages, split="calibration", limit=P.calibration_paragraphs)[lang]]
-experts, cohesion = {}, {}
-for name, lm in models.items():
-    cohesion[name] = {}
-    for method in [P.method, *P.baselines]:
-        calibration = paragraph_batches(lm.tokenizer, calibration_texts)  # read only by method="coactivation"
-        found = partition_model(lm, P.n_experts, method, seed=P.seed, iters=P.kmeans_iters, store=store,
-                                calibration=calibration)
-        experts.setdefault(name, found)
-        cohesion[name][method] = layer_cohesion(lm, found)
-
-summary = pd.DataFrame({name: {method: float(c.mean()) for method, c in per.items()} for name, per in cohesion.items()})
-summary.index.name = "mean within-expert cosine similarity"
-summary
-
-# %% [markdown]
-# ### Cohesion per layer
 #
 # Cohesion is the mean pairwise cosine similarity of the clustered rows inside an expert. A random
 # partition sits near zero; clustering should lift every layer above it.
 
 # %%
-fig = cohesion_figure(cohesion)
+conversion = convert(store, models, params, seed=P.seed, languages=P.languages, source=config.text_source(P))
+display(conversion.table())
+fig = cohesion_figure(conversion.cohesion)
 save_figure(fig, "cohesion", P, caption(P, ", ".join(P.models), n_experts=P.n_experts, method=P.method,
                                         iters=P.kmeans_iters, baselines="/".join(P.baselines)))
 fig.show()
-
-# %%
-gain = {name: float(cohesion[name][P.method].mean() / cohesion[name][P.baselines[0]].mean()) for name in models}
-for name, lm in models.items():
-    per_layer = cohesion[name][P.method].mean(1) > cohesion[name][P.baselines[0]].mean(1)
-    print(f"{name}: {P.method} cohesion is {gain[name]:.1f}x the {P.baselines[0]} baseline on average and higher "
-          f"in {int(per_layer.sum())} of {per_layer.numel()} layers.")
+print("\n".join(conversion.findings()))
 
 # %% [markdown]
-# ## The converted model reproduces the dense model
+# ## The converted model with every expert active
 #
 # The converted model routes every token through its experts: at each layer the neuron activations are
-# scaled by their expert's gate. With every expert active the output must equal the dense model's; as a
-# control, dropping half of each layer's experts must change it. Tokens: held-out paragraphs of every
-# language.
+# scaled by their expert's gate. With every gate at 1 the output equals the dense model's by construction, so
+# this is a check of the routing hooks (also a test), not a finding; as a control, dropping a random share of
+# each layer's experts must change the logits. Tokens: held-out paragraphs of every language.
 
 # %%
-corpus = load_corpus(P.languages, split="heldout", limit=P.check_paragraphs)
-texts = [text for lang in P.languages for text in corpus[lang]]
-checks = {}
-for name, lm in models.items():
-    batches = paragraph_batches(lm.tokenizer, texts, batch_tokens=512, max_length=128)
-    checks[name] = equivalence(lm, experts[name], batches, drop_fraction=P.drop_fraction, seed=P.seed)
-pd.DataFrame(checks).T
-
-# %%
-fig = equivalence_figure(checks)
+checks = check_equivalence(models, conversion, params, P.languages, seed=P.seed, source=config.text_source(P))
+display(checks.table())
+fig = equivalence_figure(checks.checks)
 save_figure(fig, "equivalence", P, caption(P, ", ".join(P.models), n_experts=P.n_experts, method=P.method,
                                            dtype=P.dtype, paragraphs=f"{P.check_paragraphs}/language held-out"))
 fig.show()
-for name, c in checks.items():
-    verdict = "reproduces" if c["all_experts"] <= 1e-5 else "does NOT reproduce"
-    print(f"{name}: the converted model {verdict} the dense logits (max |diff| {c['all_experts']:.1e} over "
-          f"{c['tokens']} tokens, logits up to {c['logit_scale']:.1f}); dropping {P.drop_fraction:.0%} of the "
-          f"experts moves them by up to {c['dropped']:.2f}.")
+print("\n".join(checks.findings()))
 
 # %% [markdown]
-# The partitions are saved under `build/<profile>/artefacts/partition/`; `02_profile` loads them to count
-# how often each expert is activated, per language.
+# ## What the conversion is for: running only the top experts
+#
+# A mixture of experts saves compute by running, per token, only the experts that matter. Here each token
+# keeps, in every layer, the experts whose score (the sum of their neurons' activations) is among the top
+# `routed_fractions` share, and the others are dropped; the control keeps the same share of experts chosen at
+# random (fixed per layer). The y-axis is the perplexity over the dense model's on held-out windows of every
+# language; error bars are standard errors of the per-window paired differences.
+
+# %%
+routed = routed_perplexity(models, conversion, params, P.languages, seed=P.seed, source=config.text_source(P))
+display(routed.table())
+fig = routed_figure(routed)
+save_figure(fig, "routed_perplexity", P, caption(P, ", ".join(P.models), n_experts=P.n_experts, method=P.method,
+                                                 windows=f"{P.routed_windows}/language x {P.routed_seq_len} tokens "
+                                                 "held-out"), width=1200, height=500)
+fig.show()
+print("\n".join(routed.findings()))
+
+# %% [markdown]
+# ## Verdicts
+#
+# Each claim of the paper that this notebook can test, the paper's own number, ours with its uncertainty, and
+# the verdict by the rule written next to it. The partitions are saved under
+# `build/<profile>/artefacts/partition/`; `02_profile` loads them to count how often each expert is activated.
+
+# %%
+results = verdicts(conversion, routed)
+save_verdicts(P, results)
+verdict_table(results)

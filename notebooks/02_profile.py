@@ -38,31 +38,48 @@ profile = "default"  # configs/<profile>.yaml
 model = ""  # "" = the profile's models; else a model name or a comma-separated list
 
 # %%
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from babel_lib.core import config
-from babel_lib.babel.analysis import (compare_variants, cross_model_findings, dendrogram, expert_ids, frequencies,
-                                reorder, spearman_brown, summarize)
-from babel_lib.core.artefacts import ArtefactStore, write_json
-from babel_lib.core.batches import paragraph_batches
-from babel_lib.babel.conversion import partition_model, partition_params
-from babel_lib.data.corpus import load_corpus
+from babel_lib.babel.analysis import (
+    AnalysisParams,
+    compare_variants,
+    cross_model_findings,
+    dendrogram,
+    expert_ids,
+    frequencies,
+    language_table,
+    reorder,
+    summarize,
+    variant_findings,
+    verdicts,
+)
+from babel_lib.babel.conversion import run_partition
 from babel_lib.babel.explorer import Explorer, load_frequencies
+from babel_lib.babel.plots import (
+    dendrograms,
+    difference_grid,
+    frequency_explorer,
+    frequency_grid,
+    high_frequency_layers,
+    model_comparison,
+    shared_specific_layers,
+    similarity_matrices,
+    stability,
+    variant_comparison,
+)
+from babel_lib.babel import profiler
+from babel_lib.babel.profiler import ProfileParams, calibration_sample, save_index
+from babel_lib.core import config
+from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.core.figures import caption, save_figure
-from babel_lib.data.languages import language
 from babel_lib.core.models import load_model
-from babel_lib.babel.plots import (dendrograms, difference_grid, frequency_explorer, frequency_grid,
-                                     high_frequency_layers, model_comparison, shared_specific_layers,
-                                     similarity_matrices, stability, variant_comparison)
-from babel_lib.babel.profiler import cached_profile
+from babel_lib.core.verdicts import save_verdicts, verdict_table
 
 P = config.notebook_params("02_profile", profile, model)
 config.apply_runtime(P)
+counting, analysis = P.typed(ProfileParams), P.typed(AnalysisParams)
 store = ArtefactStore(P.artefacts)
-P1 = config.notebook_params("01_convert", profile, model)  # the partition notebook 01 made
 pd.Series({k: v for k, v in P.items()}).to_frame("value")
 
 # %% [markdown]
@@ -73,14 +90,10 @@ pd.Series({k: v for k, v in P.items()}).to_frame("value")
 # groupings we test later.
 
 # %%
-calibration = load_corpus(P.languages, split="calibration")
-rows = np.linspace(0, len(calibration) - 1, min(P.paragraphs or len(calibration), len(calibration))).round().astype(int)
-sample = calibration.select(sorted(set(rows.tolist())))
-texts = {lang: sample[lang] for lang in P.languages}
-meta_langs = pd.DataFrame([vars(language(code)) for code in P.languages]).set_index("code")
-groups = {"family": meta_langs["family"].tolist(), "genus": meta_langs["genus"].tolist(),
-          "script": meta_langs["script"].tolist()}
-meta_langs[["name", "family", "genus", "script"]]
+texts = calibration_sample(P.languages, P.paragraphs, config.text_source(P))
+languages = language_table(P.languages)
+groups = {g: languages[g].tolist() for g in ("family", "genus", "script")}
+languages
 
 # %% [markdown]
 # ## Count expert activations per language
@@ -90,33 +103,15 @@ meta_langs[["name", "family", "genus", "script"]]
 # every setting; `frequencies/index-<run>.json` tells the explorer which file belongs to which model.
 
 # %%
-def coactivation_batches(lm):
-    """Notebook 01's calibration text, read only when the partition method is "coactivation"."""
-    if P1.method != "coactivation":
-        return None
-    corpus = load_corpus(P.languages, split="calibration", limit=P1.calibration_paragraphs)
-    return paragraph_batches(lm.tokenizer, [t for lang in P.languages for t in corpus[lang]])
-
-
-settings = {"rule": P.rule, "ratio": P.ratio, "threshold": P.threshold, "mode": P.mode}
-details = {"paragraphs": f"{len(sample)}/language calibration", **settings, "n_experts": P1.n_experts}
-profiles, metas, index, cards = {}, {}, {}, {}
+profiles, n_experts = {}, None
 for name in P.models:
     lm = load_model(name, P.device, P.dtype)
-    experts = partition_model(lm, P1.n_experts, P1.method, seed=P1.seed, iters=P1.kmeans_iters, store=store,
-                              calibration=coactivation_batches(lm))
-    partition = partition_params(lm, P1.n_experts, P1.method, P1.seed, P1.kmeans_iters)
-    profiles[name], metas[name], path = cached_profile(store, lm, experts, partition, texts, split="calibration",
-                                                       max_length=P.max_length, batch_tokens=P.batch_tokens,
-                                                       compile=P.compile, **settings)
-    index[name], cards[name] = str(path), lm.card
-    del lm, experts
-write_json(Path(P.artefacts) / "frequencies" / f"index-{P.run}.json", index)
-pd.DataFrame({name: {"layers": m["expert_counts"].shape[1], "experts per layer": m["expert_counts"].shape[2],
-                     "tokens counted": int(m["tokens"].sum()),
-                     "tokens per language (min–max)": f"{int(m['tokens'].min())}–{int(m['tokens'].max())}",
-                     "artefact": Path(index[name]).name}
-              for name, m in profiles.items()})
+    part = run_partition(store, lm, profile, model)
+    profiles[name] = profiler.profile(store, lm, part, counting, texts, split="calibration")
+    n_experts = part.params.n_experts
+    del lm, part
+save_index(P.artefacts, P.run, profiles)
+pd.DataFrame({name: p.summary() for name, p in profiles.items()})
 
 # %% [markdown]
 # ## The analyses
@@ -128,15 +123,13 @@ pd.DataFrame({name: {"layers": m["expert_counts"].shape[1], "experts per layer":
 # the design effect the halves reveal), and a difference counts as real when it exceeds `noise_z` of them.
 
 # %%
-summaries = {name: summarize(p["expert_counts"], p["tokens"], p["expert_counts_halves"], p["tokens_halves"],
-                             P.languages, groups, tau_high=P.tau_high, tau_low=P.tau_low, metric=P.similarity,
-                             center=P.center, max_specific=P.max_specific, n_permutations=P.n_permutations,
-                             seed=P.seed, z=P.noise_z)
+summaries = {name: summarize(p.tensors.expert_counts, p.tensors.tokens, p.tensors.expert_counts_halves,
+                             p.tensors.tokens_halves, P.languages, groups, tau_high=P.tau_high, tau_low=P.tau_low,
+                             metric=P.similarity, center=P.center, max_specific=P.max_specific,
+                             n_permutations=P.n_permutations, seed=P.seed, z=P.noise_z, model=name)
              for name, p in profiles.items()}
-
-
-def cap(name, **extra):
-    return caption(P, name, **details, **extra)
+details = {"paragraphs": f"{len(texts[P.languages[0]])}/language calibration", "rule": P.rule, "ratio": P.ratio,
+           "threshold": P.threshold, "mode": P.mode, "n_experts": n_experts}
 
 
 # %% [markdown]
@@ -149,20 +142,14 @@ def cap(name, **extra):
 
 # %%
 for name, s in summaries.items():
-    fig = frequency_grid(reorder(s["freq"], s["order"]), P.languages, name)
-    save_figure(fig, f"frequency_{name}", P, cap(name), width=1400, height=900)
+    fig = frequency_grid(reorder(s.freq, s.order), P.languages, name)
+    save_figure(fig, f"frequency_{name}", P, caption(P, name, **details), width=1400, height=900)
     fig.show()
-    save_figure(frequency_explorer(reorder(s["freq"], s["order"]), P.languages, name),
-                f"frequency_{name}_explorer", P, cap(name))
+    save_figure(frequency_explorer(reorder(s.freq, s.order), P.languages, name),
+                f"frequency_{name}_explorer", P, caption(P, name, **details))
 
 # %%
-for name, s in summaries.items():
-    f = s["freq"]
-    per_expert = f.mean(0)
-    print(f"{name}: the mean frequency is {f.mean():.3f} (rule {P.rule}, ratio {P.ratio}); "
-          f"{(per_expert >= P.tau_high).mean():.1%} of experts have a mean frequency ≥ {P.tau_high}, the busiest is "
-          f"activated on {f.max():.0%} of a language's tokens, and {(f.max(0) < 0.01).mean():.1%} are activated on "
-          f"fewer than 1% of the tokens of every language.")
+print("\n".join(f for s in summaries.values() for f in s.frequency_findings()))
 
 # %% [markdown]
 # ## Differences between languages
@@ -173,29 +160,24 @@ for name, s in summaries.items():
 
 # %%
 for name, s in summaries.items():
-    f, se = s["freq"], s["se"]
-    diff = reorder(f - f.mean(0), s["order"])
-    significant = reorder(np.abs(f - f.mean(0)) > P.noise_z * se, s["order"])
+    f, se = s.freq, s.se
+    diff = reorder(f - f.mean(0), s.order)
+    significant = reorder(np.abs(f - f.mean(0)) > P.noise_z * se, s.order)
     fig = difference_grid(diff, significant, P.languages,
                           f"{name}: language minus the all-language mean (cells beyond {P.noise_z:g} s.e.)")
-    save_figure(fig, f"difference_vs_mean_{name}", P, cap(name, noise_z=P.noise_z), width=1400, height=900)
+    save_figure(fig, f"difference_vs_mean_{name}", P, caption(P, name, **details, noise_z=P.noise_z), width=1400, height=900)
     fig.show()
-    sim = s["similarity"].copy()
+    sim = s.similarity.copy()
     np.fill_diagonal(sim, np.nan)
     pairs = [np.unravel_index(np.nanargmax(sim), sim.shape), np.unravel_index(np.nanargmin(sim), sim.shape)]
     titles = [f"{P.languages[i]} − {P.languages[j]} ({kind})" for (i, j), kind in zip(pairs, ("closest", "farthest"))]
     diffs = np.stack([f[i] - f[j] for i, j in pairs])
     real = np.stack([np.abs(f[i] - f[j]) > P.noise_z * np.hypot(se[i], se[j]) for i, j in pairs])
-    fig = difference_grid(reorder(diffs, s["order"]), reorder(real, s["order"]), titles,
+    fig = difference_grid(reorder(diffs, s.order), reorder(real, s.order), titles,
                           f"{name}: language vs language (cells beyond {P.noise_z:g} s.e.)", cols=2)
-    save_figure(fig, f"difference_pairs_{name}", P, cap(name, noise_z=P.noise_z), width=1200, height=500)
+    save_figure(fig, f"difference_pairs_{name}", P, caption(P, name, **details, noise_z=P.noise_z), width=1200, height=500)
     fig.show()
-    beyond = pd.Series(s["beyond_noise_vs_mean"], index=P.languages)
-    pair = s["pairwise_beyond_noise"]
-    print(f"{name}: the share of cells that differ from the all-language mean beyond noise ranges from "
-          f"{beyond.min():.1%} ({beyond.idxmin()}) to {beyond.max():.1%} ({beyond.idxmax()}); the closest pair "
-          f"{titles[0].split(' (')[0]} differs in {pair[pairs[0]]:.1%} of cells, the farthest pair "
-          f"{titles[1].split(' (')[0]} in {pair[pairs[1]]:.1%}.")
+    print("\n".join(s.difference_findings()))
 
 # %% [markdown]
 # ## High-frequency experts across layers
@@ -203,17 +185,10 @@ for name, s in summaries.items():
 # The fraction of each layer's experts with f ≥ `tau_high`, per language.
 
 # %%
-n_experts = P1.n_experts
-fig = high_frequency_layers({name: s["high"] / n_experts for name, s in summaries.items()}, P.languages, P.tau_high)
-save_figure(fig, "high_frequency_layers", P, cap(", ".join(summaries), tau_high=P.tau_high), width=1300, height=600)
+fig = high_frequency_layers({name: s.high / n_experts for name, s in summaries.items()}, P.languages, P.tau_high)
+save_figure(fig, "high_frequency_layers", P, caption(P, ", ".join(summaries), **details, tau_high=P.tau_high), width=1300, height=600)
 fig.show()
-for name, s in summaries.items():
-    per_layer = s["high"].mean(0)
-    print(f"{name}: on average {per_layer.mean():.1f} of {n_experts} experts per layer are high-frequency; the most in "
-          f"layer {int(per_layer.argmax())} ({per_layer.max():.1f}), the fewest in layer {int(per_layer.argmin())} "
-          f"({per_layer.min():.1f}). Across languages the total ranges from {int(s['high'].sum(1).min())} "
-          f"({P.languages[int(s['high'].sum(1).argmin())]}) to {int(s['high'].sum(1).max())} "
-          f"({P.languages[int(s['high'].sum(1).argmax())]}).")
+print("\n".join(f for s in summaries.values() for f in s.high_findings()))
 
 # %% [markdown]
 # ## Shared and language-specific experts
@@ -223,25 +198,20 @@ for name, s in summaries.items():
 # both). The table lists each language's specific experts as layer:expert.
 
 # %%
-fig = shared_specific_layers({n: s["shared_per_layer"] for n, s in summaries.items()},
-                             {n: s["specific"].sum(-1) for n, s in summaries.items()}, P.languages, n_experts)
-save_figure(fig, "shared_specific_layers", P, cap(", ".join(summaries), tau_high=P.tau_high, tau_low=P.tau_low,
+fig = shared_specific_layers({n: s.shared_per_layer for n, s in summaries.items()},
+                             {n: s.specific.sum(-1) for n, s in summaries.items()}, P.languages, n_experts)
+save_figure(fig, "shared_specific_layers", P, caption(P, ", ".join(summaries), **details, tau_high=P.tau_high, tau_low=P.tau_low,
                                                    max_specific=P.max_specific), width=1300, height=750)
 fig.show()
-for name, s in summaries.items():
-    total = s["freq"].shape[1] * n_experts
-    print(f"{name}: {int(s['shared'].sum())} of {total} experts ({s['shared'].mean():.1%}) are shared by all "
-          f"{len(P.languages)} languages, most in layer {int(s['shared_per_layer'].argmax())}; language-specific "
-          f"(high in at most {P.max_specific} language(s), below {P.tau_low} in all others): "
-          f"{int(s['specific'].any(0).sum())}.")
+print("\n".join(f for s in summaries.values() for f in s.shared_findings()))
 
 # %%
 tables = {}
 for name, s in summaries.items():
     tables[name] = pd.DataFrame({
-        "specific experts": s["specific"].sum((1, 2)),
-        "layers holding them": [", ".join(map(str, np.flatnonzero(sp.any(-1)))) for sp in s["specific"]],
-        "first (layer, expert)": [", ".join(f"{l}:{e}" for l, e in expert_ids(sp)[:6]) for sp in s["specific"]],
+        "specific experts": s.specific.sum((1, 2)),
+        "layers holding them": [", ".join(map(str, np.flatnonzero(sp.any(-1)))) for sp in s.specific],
+        "first (layer, expert)": [", ".join(f"{l}:{e}" for l, e in expert_ids(sp)[:6]) for sp in s.specific],
     }, index=P.languages)
 pd.concat(tables, axis=1)
 
@@ -256,32 +226,25 @@ pd.concat(tables, axis=1)
 # the dendrogram cut into as many clusters. Script is a control: languages sharing a script share tokens.
 
 # %%
-fig = similarity_matrices({n: s["similarity"] for n, s in summaries.items()}, P.languages,
+fig = similarity_matrices({n: s.similarity for n, s in summaries.items()}, P.languages,
                           P.similarity + (" of deviations from the mean" if P.center else ""))
-save_figure(fig, "similarity", P, cap(", ".join(summaries), similarity=P.similarity, center=P.center),
+save_figure(fig, "similarity", P, caption(P, ", ".join(summaries), **details, similarity=P.similarity, center=P.center),
             width=1300, height=620)
 fig.show()
-trees = {n: dendrogram(s["linkage"], P.languages) for n, s in summaries.items()}
+trees = {n: dendrogram(s.linkage, P.languages) for n, s in summaries.items()}
 fig = dendrograms(trees, dict(zip(P.languages, groups["family"])), "Average-linkage clustering of languages, "
                   "leaves coloured by family")
-save_figure(fig, "dendrogram", P, cap(", ".join(summaries), similarity=P.similarity, center=P.center),
+save_figure(fig, "dendrogram", P, caption(P, ", ".join(summaries), **details, similarity=P.similarity, center=P.center),
             width=1400, height=600)
 fig.show()
 
 # %%
 agreement = pd.DataFrame([{"model": n, "grouping": g, **{k: a[k] for k in ("within", "across", "gap", "p_value")},
                            "within pairs": a["within_pairs"]}
-                          for n, s in summaries.items() for g, a in s["agreement"].items()])
+                          for n, s in summaries.items() for g, a in s.agreement.items()])
 agreement = agreement.set_index(["model", "grouping"])
 display(agreement.round(4))
-for name, s in summaries.items():
-    fam = s["agreement"]["family"]
-    verdict = "are" if fam["p_value"] < P.alpha else "are not significantly"
-    print(f"{name}: languages of one family {verdict} more similar than languages of different families "
-          f"(within {fam['within']:.3f} vs across {fam['across']:.3f}, permutation p = {fam['p_value']:.4f}, "
-          f"{fam['n_permutations']} permutations); the dendrogram cut into {len(set(groups['family']))} clusters "
-          f"matches the families with ARI = {s['ari']:.2f}. Script: gap {s['agreement']['script']['gap']:+.3f}, "
-          f"p = {s['agreement']['script']['p_value']:.4f}.")
+print("\n".join(f for s in summaries.values() for f in s.family_findings(P.alpha)))
 
 # %% [markdown]
 # ## Stability: which differences are real?
@@ -291,18 +254,11 @@ for name, s in summaries.items():
 # between languages survives too (the similarity matrices of the two halves correlate).
 
 # %%
-fig = stability({n: s["split_half"] for n, s in summaries.items()},
-                {n: s["beyond_noise_vs_mean"] for n, s in summaries.items()}, P.languages, P.noise_z)
-save_figure(fig, "stability", P, cap(", ".join(summaries), noise_z=P.noise_z), width=1200, height=650)
+fig = stability({n: s.split_half for n, s in summaries.items()},
+                {n: s.beyond_noise_vs_mean for n, s in summaries.items()}, P.languages, P.noise_z)
+save_figure(fig, "stability", P, caption(P, ", ".join(summaries), **details, noise_z=P.noise_z), width=1200, height=650)
 fig.show()
-for name, s in summaries.items():
-    r = s["split_half"]
-    print(f"{name}: split-half r is {r.min():.3f} ({P.languages[int(r.argmin())]}) to {r.max():.3f}; full-sample "
-          f"reliability ≥ {spearman_brown(r).min():.3f}. Design effect "
-          f"{s['deff'].min():.1f}–{s['deff'].max():.1f} "
-          f"(tokens of a paragraph are not independent). The two halves' similarity matrices correlate at "
-          f"r = {s['similarity_stability']:.3f}; the family gap is {s['half_agreement'][0]:+.3f} and "
-          f"{s['half_agreement'][1]:+.3f} in the two halves.")
+print("\n".join(f for s in summaries.values() for f in s.stability_findings()))
 
 # %% [markdown]
 # ## The two models side by side
@@ -315,10 +271,10 @@ for name, s in summaries.items():
 if len(summaries) >= 2:
     findings = cross_model_findings(summaries, alpha=P.alpha, n_permutations=P.n_permutations, seed=P.seed)
     display(findings)
-    per_layer = {"shared": {n: s["shared_per_layer"] / n_experts for n, s in summaries.items()},
-                 "high-frequency": {n: s["high"].mean(0) / n_experts for n, s in summaries.items()}}
-    fig = model_comparison({n: s["similarity"] for n, s in summaries.items()}, P.languages, per_layer)
-    save_figure(fig, "model_comparison", P, cap(", ".join(summaries), similarity=P.similarity, tau_high=P.tau_high),
+    per_layer = {"shared": {n: s.shared_per_layer / n_experts for n, s in summaries.items()},
+                 "high-frequency": {n: s.high.mean(0) / n_experts for n, s in summaries.items()}}
+    fig = model_comparison({n: s.similarity for n, s in summaries.items()}, P.languages, per_layer)
+    save_figure(fig, "model_comparison", P, caption(P, ", ".join(summaries), **details, similarity=P.similarity, tau_high=P.tau_high),
                 width=1300, height=600)
     fig.show()
     both = findings.index[findings["holds in all"]].tolist()
@@ -341,26 +297,28 @@ if not P.instruct_pairs:
 variants = {}
 for base_name, instruct_name in P.instruct_pairs:
     base = load_model(base_name, P.device, P.dtype)
-    experts = partition_model(base, P1.n_experts, P1.method, seed=P1.seed, iters=P1.kmeans_iters, store=store,
-                              calibration=coactivation_batches(base))
-    partition = partition_params(base, P1.n_experts, P1.method, P1.seed, P1.kmeans_iters)
-    freq = {}
-    for lm in (base, load_model(instruct_name, P.device, P.dtype)):
-        tensors, _, _ = cached_profile(store, lm, experts, partition, texts, split="calibration",
-                                       max_length=P.max_length, batch_tokens=P.batch_tokens, compile=P.compile,
-                                       **settings)
-        freq[lm.name] = frequencies(tensors["expert_counts"], tensors["tokens"])
-    result = compare_variants(freq[base_name], freq[instruct_name], P.tau_high)
-    variants[f"{base_name} → {instruct_name}"] = result
-    print(f"{base_name} → {instruct_name}: per-layer correlation {result['layer_correlation'].min():.3f}–"
-          f"{result['layer_correlation'].max():.3f} (lowest in layer {int(result['layer_correlation'].argmin())}); "
-          f"mean |Δf| {result['mean_abs_difference']:.4f}; shared experts {result['shared_a']} → {result['shared_b']} "
-          f"(Jaccard {result['shared_jaccard']:.2f}); language-similarity matrices correlate at "
-          f"r = {result['similarity_correlation']:.2f}.")
+    part = run_partition(store, base, profile, model)
+    freq = {lm.name: frequencies(*(profiler.profile(store, lm, part, counting, texts, split="calibration").tensors[k]
+                                   for k in ("expert_counts", "tokens")))
+            for lm in (base, load_model(instruct_name, P.device, P.dtype))}
+    variants[f"{base_name} → {instruct_name}"] = compare_variants(freq[base_name], freq[instruct_name], P.tau_high)
+print("\n".join(variant_findings(variants)))
 if variants:
     fig = variant_comparison(variants)
-    save_figure(fig, "instruction_tuning", P, cap(", ".join(variants)), width=1200, height=500)
+    save_figure(fig, "instruction_tuning", P, caption(P, ", ".join(variants), **details), width=1200, height=500)
     fig.show()
+
+# %% [markdown]
+# ## Verdicts
+#
+# Each claim of the paper that this notebook can test, the paper's own number (its v1 figures for LLaMA-2-7B),
+# ours with its uncertainty (split-half standard error, permutation p), and the verdict by the rule written
+# next to it.
+
+# %%
+results = verdicts(summaries, P.alpha, variants)
+save_verdicts(P, results)
+verdict_table(results)
 
 # %% [markdown]
 # ## Explore

@@ -9,7 +9,8 @@ permutation p-value), split-half stability with a noise floor for differences, a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -17,10 +18,33 @@ from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 from scipy.special import comb
 
+from babel_lib.core.study import StudyParams, param
 from babel_lib.errors import BabelError
 
 METRICS = ("cosine", "pearson", "jaccard")
 DEPTHS = ("early", "middle", "late")
+
+
+@dataclass(frozen=True)
+class AnalysisParams(StudyParams):
+    """Notebook 02's analyses of the counts: thresholds, similarity, tests and the noise floor."""
+
+    KIND: ClassVar[str] = "analysis"
+    CODE: ClassVar[tuple[str, ...]] = ("babel_lib.babel.analysis",)
+
+    tau_high: float = param(0.4, ge=0, le=1)  # high-frequency expert: f >= tau_high
+    tau_low: float = param(0.25, ge=0, le=1)  # language-specific: f < tau_low in every other language
+    max_specific: int = param(2, ge=1)  # specific: high-frequency in at most this many languages
+    similarity: Literal["cosine", "pearson", "jaccard"] = "pearson"
+    center: bool = True  # compare each language's deviation from the all-language mean
+    n_permutations: int = param(10000, ge=1)
+    alpha: float = param(0.05, gt=0, lt=1)
+    noise_z: float = param(3.0, gt=0)  # a difference is real beyond noise_z standard errors (split halves)
+    instruct_pairs: tuple[tuple[str, str], ...] = ()  # [[base, instruct], ...] profiled with the base's partition
+
+    def check(self) -> None:
+        if self.tau_low > self.tau_high:
+            raise self.invalid("tau_low", f"{self.tau_low} is above tau_high={self.tau_high}")
 
 
 def _np(x: Any) -> np.ndarray:
@@ -257,42 +281,149 @@ def compare_variants(freq_a: Any, freq_b: Any, tau_high: float) -> dict[str, Any
     }
 
 
+@dataclass
+class Summary:
+    """Every analysis of one model's profile (arrays over languages [n], layers [L], experts [E]) and the
+    sentences the notebook prints under each figure."""
+
+    model: str
+    languages: list[str]
+    groups: dict[str, list[str]]  # grouping name -> one label per language; the first is scored by `ari`
+    tau_high: float
+    tau_low: float
+    max_specific: int
+    z: float
+    freq: np.ndarray  # [n, L, E]
+    halves: np.ndarray  # [2, n, L, E]
+    order: np.ndarray  # [L, E]
+    high: np.ndarray  # [n, L] high-frequency experts
+    shared: np.ndarray  # [L, E] bool
+    specific: np.ndarray  # [n, L, E] bool
+    similarity: np.ndarray  # [n, n]
+    linkage: np.ndarray
+    agreement: dict[str, dict[str, float]]  # grouping -> family_agreement
+    ari: float
+    split_half: np.ndarray  # [n]
+    se: np.ndarray  # [n, L, E]
+    deff: np.ndarray  # [n]
+    beyond_noise_vs_mean: np.ndarray  # [n]
+    pairwise_beyond_noise: np.ndarray  # [n, n]
+    similarity_stability: float
+    half_agreement: list[float]  # the first grouping's gap in each half
+
+    @property
+    def grouping(self) -> str:
+        return next(iter(self.groups))
+
+    @property
+    def n_experts(self) -> int:
+        return self.freq.shape[2]
+
+    @property
+    def shared_per_layer(self) -> np.ndarray:
+        return self.shared.sum(-1)
+
+    @property
+    def specific_per_layer(self) -> np.ndarray:
+        return self.specific.any(0).sum(-1)
+
+    @property
+    def rare(self) -> np.ndarray:
+        """[L, E] experts activated on fewer than 1% of the tokens of every language."""
+        return self.freq.max(0) < 0.01
+
+    def extreme_pairs(self) -> list[tuple[int, int]]:
+        """The closest and the farthest pair of languages by similarity: [(i, j), (i, j)]."""
+        sim = self.similarity.copy()
+        np.fill_diagonal(sim, np.nan)
+        return [tuple(int(v) for v in np.unravel_index(f(sim), sim.shape)) for f in (np.nanargmax, np.nanargmin)]
+
+    def frequency_findings(self) -> list[str]:
+        f = self.freq
+        return [f"{self.model}: the mean frequency is {f.mean():.3f}; {(f.mean(0) >= self.tau_high).mean():.1%} of "
+                f"experts have a mean frequency ≥ {self.tau_high}, the busiest is activated on {f.max():.0%} of a "
+                f"language's tokens, and {self.rare.mean():.1%} are activated on fewer than 1% of the tokens of "
+                "every language."]
+
+    def difference_findings(self) -> list[str]:
+        beyond, langs = self.beyond_noise_vs_mean, self.languages
+        (a, b), (c, d) = self.extreme_pairs()
+        pair = self.pairwise_beyond_noise
+        return [f"{self.model}: the share of cells that differ from the all-language mean beyond noise ranges from "
+                f"{beyond.min():.1%} ({langs[int(beyond.argmin())]}) to {beyond.max():.1%} "
+                f"({langs[int(beyond.argmax())]}); the closest pair {langs[a]} − {langs[b]} differs in "
+                f"{pair[a, b]:.1%} of cells, the farthest pair {langs[c]} − {langs[d]} in {pair[c, d]:.1%}."]
+
+    def high_findings(self) -> list[str]:
+        per_layer, total = self.high.mean(0), self.high.sum(1)
+        langs = self.languages
+        return [f"{self.model}: on average {per_layer.mean():.1f} of {self.n_experts} experts per layer are "
+                f"high-frequency; the most in layer {int(per_layer.argmax())} ({per_layer.max():.1f}), the fewest in "
+                f"layer {int(per_layer.argmin())} ({per_layer.min():.1f}). Across languages the total ranges from "
+                f"{int(total.min())} ({langs[int(total.argmin())]}) to {int(total.max())} "
+                f"({langs[int(total.argmax())]})."]
+
+    def shared_findings(self) -> list[str]:
+        return [f"{self.model}: {int(self.shared.sum())} of {self.shared.size} experts ({self.shared.mean():.1%}) are "
+                f"shared by all {len(self.languages)} languages, most in layer {int(self.shared_per_layer.argmax())}; "
+                f"language-specific (high in at most {self.max_specific} language(s), below {self.tau_low} in all "
+                f"others): {int(self.specific.any(0).sum())}."]
+
+    def family_findings(self, alpha: float = 0.05) -> list[str]:
+        fam, script = self.agreement[self.grouping], self.agreement.get("script")
+        verdict = "are" if fam["p_value"] < alpha else "are not significantly"
+        line = (f"{self.model}: languages of one {self.grouping} {verdict} more similar than languages of different "
+                f"{self.grouping} groups (within {fam['within']:.3f} vs across {fam['across']:.3f}, permutation "
+                f"p = {fam['p_value']:.4f}, {fam['n_permutations']} permutations); the dendrogram cut into "
+                f"{len(set(self.groups[self.grouping]))} clusters matches them with ARI = {self.ari:.2f}.")
+        if script:
+            line += f" Script: gap {script['gap']:+.3f}, p = {script['p_value']:.4f}."
+        return [line]
+
+    def stability_findings(self) -> list[str]:
+        r, langs = self.split_half, self.languages
+        return [f"{self.model}: split-half r is {r.min():.3f} ({langs[int(r.argmin())]}) to {r.max():.3f}; full-sample "
+                f"reliability ≥ {spearman_brown(r).min():.3f}. Design effect {self.deff.min():.1f}–{self.deff.max():.1f} "
+                f"(tokens of a paragraph are not independent). The two halves' similarity matrices correlate at "
+                f"r = {self.similarity_stability:.3f}; the {self.grouping} gap is {self.half_agreement[0]:+.3f} and "
+                f"{self.half_agreement[1]:+.3f} in the two halves."]
+
+    def findings(self, alpha: float = 0.05) -> list[str]:
+        return (self.frequency_findings() + self.difference_findings() + self.high_findings()
+                + self.shared_findings() + self.family_findings(alpha) + self.stability_findings())
+
+
 def summarize(counts: Any, tokens: Any, counts_halves: Any, tokens_halves: Any, languages: Sequence[str],
               groups: Mapping[str, Sequence[str]], *, tau_high: float, tau_low: float, metric: str = "pearson",
               center: bool = False, max_specific: int = 1, n_permutations: int = 10000, seed: int = 0,
-              z: float = 3.0) -> dict[str, Any]:
+              z: float = 3.0, model: str = "") -> Summary:
     """Every analysis of one model's profile, for the notebook's figures and sentences.
 
     groups: {grouping name: one label per language} (e.g. family, genus, script); the first is the one the
-    dendrogram is scored against. Returns frequencies, order, high/shared/specific experts, similarity,
-    linkage, agreements, split-half stability and the noise floor.
+    dendrogram is scored against.
     """
     freq = frequencies(counts, tokens)
     halves = frequencies(counts_halves, tokens_halves)
     se, deff = standard_error(counts_halves, tokens_halves)
     sim = similarity(freq, metric, center=center, tau_high=tau_high)
     linkage = cluster(sim)
-    specific = specific_experts(freq, tau_high, tau_low, max_specific)
-    shared = shared_experts(freq, tau_high)
-    mean = freq.mean(0)
     first = next(iter(groups))
     half_sims = [similarity(h, metric, center=center, tau_high=tau_high) for h in halves]
-    return {
-        "languages": list(languages), "freq": freq, "halves": halves, "order": expert_order(freq),
-        "high": high_counts(freq, tau_high), "shared": shared, "specific": specific,
-        "shared_per_layer": shared.sum(-1), "specific_per_layer": specific.any(0).sum(-1),
-        "similarity": sim, "linkage": linkage,
-        "agreement": {name: family_agreement(sim, labels, n_permutations, seed) for name, labels in groups.items()},
-        "ari": cluster_agreement(linkage, groups[first]), "grouping": first,
-        "split_half": split_half_correlation(halves), "se": se, "deff": deff,
-        "beyond_noise_vs_mean": beyond_noise(freq - mean, se, z).mean((1, 2)),
-        "pairwise_beyond_noise": pairwise_beyond_noise(freq, se, z),
-        "similarity_stability": off_diagonal_correlation(*half_sims),
-        "half_agreement": [family_agreement(s, groups[first], n_permutations, seed)["gap"] for s in half_sims],
-    }
+    return Summary(
+        model=model, languages=list(languages), groups={k: list(v) for k, v in groups.items()}, tau_high=tau_high,
+        tau_low=tau_low, max_specific=max_specific, z=z, freq=freq, halves=halves, order=expert_order(freq),
+        high=high_counts(freq, tau_high), shared=shared_experts(freq, tau_high),
+        specific=specific_experts(freq, tau_high, tau_low, max_specific), similarity=sim, linkage=linkage,
+        agreement={name: family_agreement(sim, labels, n_permutations, seed) for name, labels in groups.items()},
+        ari=cluster_agreement(linkage, groups[first]), split_half=split_half_correlation(halves), se=se, deff=deff,
+        beyond_noise_vs_mean=beyond_noise(freq - freq.mean(0), se, z).mean((1, 2)),
+        pairwise_beyond_noise=pairwise_beyond_noise(freq, se, z),
+        similarity_stability=off_diagonal_correlation(*half_sims),
+        half_agreement=[family_agreement(s, groups[first], n_permutations, seed)["gap"] for s in half_sims],
+    )
 
 
-def cross_model_findings(summaries: Mapping[str, Mapping[str, Any]], alpha: float = 0.05,
+def cross_model_findings(summaries: Mapping[str, Summary], alpha: float = 0.05,
                          n_permutations: int = 10000, seed: int = 0) -> pd.DataFrame:
     """Which findings hold in every model: one row per finding, one column per model, and `holds in all`.
 
@@ -305,28 +436,112 @@ def cross_model_findings(summaries: Mapping[str, Mapping[str, Any]], alpha: floa
     def row(finding: str, values: dict[str, Any], holds: bool) -> None:
         rows.append({"finding": finding, **values, "holds in all": bool(holds)})
 
-    agree = {m: s["agreement"][s["grouping"]] for m, s in summaries.items()}
-    grouping = summaries[names[0]]["grouping"]
+    agree = {m: s.agreement[s.grouping] for m, s in summaries.items()}
+    grouping = summaries[names[0]].grouping
     row(f"languages of one {grouping} are more similar than across (permutation p < {alpha})",
         {m: f"gap {a['gap']:+.3f}, p = {a['p_value']:.4f}" for m, a in agree.items()},
         all(a["p_value"] < alpha for a in agree.values()))
-    shared = {m: float(s["shared"].mean()) for m, s in summaries.items()}
+    shared = {m: float(s.shared.mean()) for m, s in summaries.items()}
     row("experts high-frequency in every language (fraction of all experts)",
         {m: f"{v:.1%}" for m, v in shared.items()}, all(v > 0 for v in shared.values()))
     for key, what in (("shared_per_layer", "shared experts"), ("specific_per_layer", "language-specific experts")):
-        peaks = {m: depth_peak(s[key]) if s[key].sum() else "none" for m, s in summaries.items()}
+        peaks = {m: depth_peak(getattr(s, key)) if getattr(s, key).sum() else "none" for m, s in summaries.items()}
         same = len(set(peaks.values())) == 1 and "none" not in peaks.values()
         row(f"{what} peak in the same third of the depth (early, middle or late layers)", peaks, same)
-    high = {m: depth_peak(s["high"].mean(0)) for m, s in summaries.items()}
+    high = {m: depth_peak(s.high.mean(0)) for m, s in summaries.items()}
     row("high-frequency experts peak in the same third of the depth", high, len(set(high.values())) == 1)
-    outlier = {m: s["languages"][int(np.argmin((s["similarity"].sum(1) - 1)))] for m, s in summaries.items()}
+    outlier = {m: s.languages[int(np.argmin((s.similarity.sum(1) - 1)))] for m, s in summaries.items()}
     row("the language least similar to all others", outlier, len(set(outlier.values())) == 1)
-    stable = {m: float(s["split_half"].min()) for m, s in summaries.items()}
+    stable = {m: float(s.split_half.min()) for m, s in summaries.items()}
     row("frequencies are reproducible across paragraph halves (lowest split-half r >= 0.9)",
         {m: f"{v:.3f}" for m, v in stable.items()}, all(v >= 0.9 for v in stable.values()))
     if len(names) >= 2:
-        test = mantel(summaries[names[0]]["similarity"], summaries[names[1]]["similarity"], n_permutations, seed)
+        test = mantel(summaries[names[0]].similarity, summaries[names[1]].similarity, n_permutations, seed)
         value = f"Mantel r = {test['r']:.2f}, p = {test['p_value']:.4f}"
         row(f"the language-similarity structure agrees between {names[0]} and {names[1]} (p < {alpha})",
             {m: value for m in names}, test["p_value"] < alpha)
     return pd.DataFrame(rows).set_index("finding")
+
+
+PAPER = "Unraveling Babel"
+PAPER_EXPERTS = 8192  # LLaMA-2-7B: 32 layers x 256 experts (v1)
+
+
+def _halves_spread(values: Sequence[float]) -> float:
+    """Standard error of the mean of two split-half estimates: |a - b| / 2."""
+    return abs(values[0] - values[1]) / 2
+
+
+def verdicts(summaries: Mapping[str, Summary], alpha: float = 0.05,
+             variants: Mapping[str, Mapping[str, Any]] | None = None) -> list:
+    """Notebook 02's verdicts: the paper's v1 numbers (shared and rarely active experts, language families) and
+    instruction tuning beside ours, each with a split-half or permutation uncertainty and the rule applied."""
+    from babel_lib.core.verdicts import Verdict, decide
+
+    out = []
+    shared = {m: (float(s.shared.mean()), _halves_spread([shared_experts(h, s.tau_high).mean() for h in s.halves]))
+              for m, s in summaries.items()}
+    out.append(Verdict(PAPER, "About half of the experts are highly activated in every language",
+                       f"roughly half of {PAPER_EXPERTS:,} experts (LLaMA-2-7B, 9 languages; v1)",
+                       "; ".join(f"{m}: {v:.1%} ± {e:.1%} (f ≥ τ_high in all {len(summaries[m].languages)})"
+                                 for m, (v, e) in shared.items()),
+                       decide(all(0.4 <= v <= 0.6 for v, _ in shared.values()),
+                              any(0.25 <= v <= 0.75 for v, _ in shared.values())),
+                       "reproduced when every model's shared fraction is in [40%, 60%]; partly when some model's is "
+                       "in [25%, 75%] (± is the split-half s.e.)"))
+    paper_rare = 1000 / PAPER_EXPERTS
+    rare = {m: (float(s.rare.mean()), _halves_spread([(h.max(0) < 0.01).mean() for h in s.halves]))
+            for m, s in summaries.items()}
+    out.append(Verdict(PAPER, "Many experts are rarely activated in any language",
+                       f"over 1,000 of {PAPER_EXPERTS:,} experts ({paper_rare:.1%}; v1)",
+                       "; ".join(f"{m}: {v:.1%} ± {e:.1%} (f < 1% in every language)" for m, (v, e) in rare.items()),
+                       decide(all(v - 2 * e > paper_rare for v, e in rare.values()),
+                              any(v > paper_rare for v, _ in rare.values())),
+                       f"reproduced when every model's rarely-active fraction exceeds {paper_rare:.1%} by 2 s.e.; "
+                       "partly when some model's exceeds it"))
+    fam = {m: (s.agreement[s.grouping], s.ari) for m, s in summaries.items()}
+    out.append(Verdict(PAPER, "Related languages (one family) have more similar activation patterns",
+                       "stated for en, fr, es, pt, bn, ur, hi, ar, zh (three families; v1); no test statistic",
+                       "; ".join(f"{m}: gap {a['gap']:+.3f}, permutation p = {a['p_value']:.4f}, ARI {ari:.2f}"
+                                 for m, (a, ari) in fam.items()),
+                       decide(all(a["p_value"] < alpha for a, _ in fam.values()),
+                              any(a["p_value"] < alpha for a, _ in fam.values())),
+                       f"reproduced when the within-family minus across-family similarity gap has permutation "
+                       f"p < {alpha} in every model; partly in some"))
+    claim, paper_value = "Instruction tuning changes the activation patterns", "analysed for base/instruct pairs"
+    if not variants:
+        out.append(Verdict(PAPER, claim, paper_value, "not run on the default (no embedded base/instruct pair)",
+                           "not attempted", "runs with `instruct_pairs` in the profile"))
+    else:
+        base_noise = {pair: float(summaries[pair.split(" → ")[0]].split_half.min())
+                      if pair.split(" → ")[0] in summaries else None for pair in variants}
+        changed = {pair: (float(v["layer_correlation"].min()), base_noise[pair]) for pair, v in variants.items()}
+        out.append(Verdict(PAPER, claim, paper_value,
+                           "; ".join(f"{p}: lowest per-layer r {r:.3f}" + (f" (base split-half r ≥ {n:.3f})"
+                                                                           if n is not None else "")
+                                     for p, (r, n) in changed.items()),
+                           decide(all(n is not None and r < n for r, n in changed.values()),
+                                  any(n is not None and r < n for r, n in changed.values())),
+                           "reproduced when, for every pair, some layer's base-vs-instruct correlation is below the "
+                           "base model's lowest split-half correlation (a change beyond sampling noise)"))
+    return out
+
+
+def language_table(codes: Sequence[str]) -> pd.DataFrame:
+    """Each language's name, family, genus and script: the groupings the analyses test."""
+    from babel_lib.data.languages import language
+
+    return pd.DataFrame([vars(language(code)) for code in codes]).set_index("code")[["name", "family", "genus",
+                                                                                      "script"]]
+
+
+def variant_findings(variants: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One sentence per base → instruct comparison (`compare_variants` results by pair name)."""
+    out = []
+    for pair, r in variants.items():
+        corr = r["layer_correlation"]
+        out.append(f"{pair}: per-layer correlation {corr.min():.3f}–{corr.max():.3f} (lowest in layer "
+                   f"{int(corr.argmin())}); mean |Δf| {r['mean_abs_difference']:.4f}; shared experts {r['shared_a']} → "
+                   f"{r['shared_b']} (Jaccard {r['shared_jaccard']:.2f}); language-similarity matrices correlate at "
+                   f"r = {r['similarity_correlation']:.2f}.")
+    return out

@@ -22,6 +22,15 @@ from babel_lib.core.hooks import hooked, site
 from babel_lib.babel.partition import expert_sizes
 
 SCORE_MODES = ("sum", "abs", "pos")
+SCORERS = ("matmul", "index_add")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def top_experts(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """bool [..., E]: the experts whose score is >= the k-th largest along the last axis (ties at the k-th
+    score all count, so the choice does not depend on a sort's tie order)."""
+    kth = scores.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    return scores >= kth
 
 
 class ExpertMap:
@@ -35,7 +44,8 @@ class ExpertMap:
             if counts.numel() != n_experts or not torch.equal(counts, expert_sizes(layer_labels.numel(), n_experts)):
                 raise BabelError(f"partition layer {layer} is not balanced over {n_experts} experts; rebuild it "
                                  "with babel_lib.babel.partition.partition_labels")
-        self._onehot: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._onehot: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._labels: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     @property
     def n_layers(self) -> int:
@@ -51,19 +61,30 @@ class ExpertMap:
             raise BabelError(f"the partition is for {self.n_layers} layers x {self.width} neurons but the model has "
                              f"{n_layers} x {width}; was it made for another model?")
 
-    def onehot(self, layer: int, device: torch.device) -> torch.Tensor:
-        """Assignment matrix [d_ff, n_experts] in float32 on `device` (built once per layer and device)."""
-        key = (layer, torch.device(device))
+    def onehot(self, layer: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Assignment matrix [d_ff, n_experts] on `device` in `dtype` (built once per layer, device and dtype)."""
+        key = (layer, torch.device(device), dtype)
         if key not in self._onehot:
             eye = torch.zeros(self.width, self.n_experts, device=device)
             eye[torch.arange(self.width, device=device), self.labels[layer].to(device)] = 1.0
-            self._onehot[key] = eye
+            self._onehot[key] = eye.to(dtype)
         return self._onehot[key]
 
-    def scores(self, layer: int, a: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        """Expert scores [..., n_experts] (float32) from neuron activations [..., d_ff] of `layer`.
+    def layer_labels(self, layer: int, device: torch.device) -> torch.Tensor:
+        """The expert of each neuron of `layer` [d_ff] on `device` (copied once per layer and device)."""
+        key = (layer, torch.device(device))
+        if key not in self._labels:
+            self._labels[key] = self.labels[layer].to(device)
+        return self._labels[key]
+
+    def scores(self, layer: int, a: torch.Tensor, mode: str = "sum", scorer: str = "matmul") -> torch.Tensor:
+        """Expert scores [N, n_experts] from neuron activations [N, d_ff] of `layer`: the one scoring path of
+        routing and of the profiler. float64 for float64 activations, else float32 (fp32 accumulation).
 
         mode: "sum" (MoEfication's ground-truth routing score), "abs" (sum of |a|), "pos" (sum of max(a, 0)).
+        scorer: "matmul" (one matmul with the one-hot assignment; bf16/fp16 activations on CUDA use a
+        half-precision matmul with float32 output, so no fp32 copy of them) or "index_add" (each neuron added
+        into its expert: a fraction of the matmul's cost on the CPU when d_model is small).
         """
         if mode == "abs":
             a = a.abs()
@@ -71,7 +92,15 @@ class ExpertMap:
             a = a.clamp_min(0)
         elif mode != "sum":
             raise BabelError(f"unknown score mode {mode!r}; choose one of {', '.join(SCORE_MODES)}")
-        return a.float() @ self.onehot(layer, a.device)
+        dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        if scorer == "index_add":
+            out = torch.zeros(a.shape[0], self.n_experts, dtype=dtype, device=a.device)
+            return out.index_add_(1, self.layer_labels(layer, a.device), a.to(dtype))
+        if scorer != "matmul":
+            raise BabelError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+        if a.dtype in _HALF and a.is_cuda:
+            return torch.mm(a, self.onehot(layer, a.device, a.dtype), out_dtype=torch.float32)
+        return a.to(dtype) @ self.onehot(layer, a.device, dtype)
 
     def expand(self, layer: int, per_expert: torch.Tensor) -> torch.Tensor:
         """Give every neuron its expert's value: [..., n_experts] -> [..., d_ff]."""

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from babel_lib.errors import BabelError
 
-METHODS = ("kmeans", "random", "contiguous", "coactivation")
+PARTITION_METHODS = ("kmeans", "random", "contiguous", "coactivation")
 
 # Balanced assignment (see balanced_assignment): epsilon falls geometrically from EPS_START to EPS_END (in units
 # of the score spread), about EPS_FACTOR per phase; an early phase stops bidding once at most TAIL of the points
@@ -316,8 +316,8 @@ def partition_labels(rows: Tensor, n_experts: int, method: str = "kmeans", *, se
     rows: gate rows for gated FFNs, input rows otherwise), "coactivation" (the same on per-neuron activation
     features [n, n_features]), "random" (seeded shuffle) or "contiguous" (neuron i -> expert i // size);
     iters and restarts apply to the two k-means methods."""
-    if method not in METHODS:
-        raise BabelError(f"unknown partition method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in PARTITION_METHODS:
+        raise BabelError(f"unknown partition method {method!r}; choose one of {', '.join(PARTITION_METHODS)}")
     _check_rows(rows, n_experts, "rows")
     n = rows.shape[0]
     if method in ("kmeans", "coactivation"):

@@ -175,7 +175,7 @@ def stability(split_half: Mapping[str, np.ndarray], beyond: Mapping[str, np.ndar
     low = min(float(np.min(v)) for v in split_half.values())
     fig.update_yaxes(range=[min(0.9, low) - 0.01, 1.0], title_text="Pearson r", row=1, col=1)
     fig.update_yaxes(tickformat=".0%", title_text="share of cells", row=2, col=1)
-    fig.update_layout(title="Stability: are the frequencies, and the differences between languages, real?",
+    fig.update_layout(title="Split-half stability of the frequencies and of the language differences",
                       barmode="group")
     return fig
 
@@ -205,7 +205,7 @@ def model_comparison(sims: Mapping[str, np.ndarray], languages: Sequence[str],
     fig.update_yaxes(title_text=b, row=1, col=1)
     fig.update_xaxes(title_text="relative depth (0 = first layer, 1 = last)", row=1, col=2)
     fig.update_yaxes(title_text="fraction of the layer's experts", tickformat=".0%", row=1, col=2)
-    fig.update_layout(title=f"{a} vs {b}: which findings hold in both")
+    fig.update_layout(title=f"{a} vs {b}: language similarity and per-layer expert fractions")
     return fig
 
 
@@ -243,18 +243,41 @@ def cohesion_figure(cohesion: Mapping[str, Mapping[str, torch.Tensor]]) -> go.Fi
     return fig
 
 
-def equivalence_figure(checks: Mapping[str, Mapping[str, float]], tolerance: float = 1e-5) -> go.Figure:
-    """Max |logit difference| against the dense model: every expert active vs a control with experts dropped."""
+def equivalence_figure(checks: Mapping[str, Mapping[str, float]]) -> go.Figure:
+    """Max |logit difference| against the dense model: every expert active vs a control with experts dropped.
+    A linear axis: an exact match is a bar of height 0 labelled "exactly 0"."""
     models = list(checks)
-    floor = 1e-12  # an exact match is drawn at the floor of the log axis
     fig = go.Figure()
     for key, label, colour in (("all_experts", "every expert active", "#2ca02c"),
                                ("dropped", "control: experts dropped", "#d62728")):
-        values = [max(checks[m][key], floor) for m in models]
-        text = [f"{checks[m][key]:.1e}" if checks[m][key] else "0 (exact)" for m in models]
+        values = [checks[m][key] for m in models]
+        text = [f"{v:.1e}" if v else "exactly 0" for v in values]
         fig.add_trace(go.Bar(x=models, y=values, name=label, text=text, textposition="outside",
                              marker_color=colour))
-    fig.add_hline(y=tolerance, line_dash="dash", annotation_text=f"tolerance {tolerance:g}")
-    fig.update_yaxes(type="log", title_text="max |converted − dense| logit")
-    fig.update_layout(title="The converted MoE reproduces the dense model", barmode="group")
+    fig.update_yaxes(title_text="max |converted − dense| logit", rangemode="tozero")
+    fig.update_layout(title="Converted MoE vs dense model: max logit difference", barmode="group")
+    return fig
+
+
+def routed_figure(routed) -> go.Figure:
+    """Perplexity relative to the dense model when each token runs only its top share of experts (± s.e.),
+    beside the control that keeps the same share of experts at random; one panel per model."""
+    models = list(routed.losses)
+    fig = make_subplots(rows=1, cols=len(models), subplot_titles=models, shared_yaxes=True)
+    for col, m in enumerate(models, start=1):
+        ratios = [routed.ratio(m, routed.label(f)) for f in routed.fractions]
+        fig.add_trace(go.Scatter(x=[100 * f for f in routed.fractions], y=[r for r, _ in ratios], mode="lines+markers",
+                                 name="top experts by score", legendgroup="top", showlegend=col == 1,
+                                 error_y={"type": "data", "array": [e for _, e in ratios]},
+                                 line={"color": "#1f77b4"}), row=1, col=col)
+        control = routed.label(routed.control, random=True)
+        if control in routed.losses[m]:
+            r, e = routed.ratio(m, control)
+            fig.add_trace(go.Scatter(x=[100 * routed.control], y=[r], mode="markers", name="random experts (fixed)",
+                                     legendgroup="random", showlegend=col == 1, error_y={"type": "data", "array": [e]},
+                                     marker={"color": "#d62728", "symbol": "x", "size": 10}), row=1, col=col)
+        fig.add_hline(y=1.0, line_dash="dash", annotation_text="dense", row=1, col=col)
+        fig.update_xaxes(title_text="experts active per token and layer (%)", row=1, col=col)
+    fig.update_yaxes(type="log", title_text="perplexity / dense perplexity", row=1, col=1)
+    fig.update_layout(title="Routed-model perplexity vs share of active experts")
     return fig

@@ -19,27 +19,46 @@ to the host, and the LM head never runs. Counters are plain tensors, so processe
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from babel_lib.core.artefacts import ArtefactStore
+from babel_lib.babel.conversion import Partition, texts_sha256
+from babel_lib.babel.moe import SCORE_MODES, SCORERS, ExpertMap, top_experts
+from babel_lib.core import distributed
+from babel_lib.core.artefacts import ArtefactStore, write_json
 from babel_lib.core.batches import Batch, paragraph_batches
-from babel_lib.errors import BabelError
 from babel_lib.core.hooks import hooked, site
 from babel_lib.core.models import LoadedModel, run_decoder
-from babel_lib.babel.moe import SCORE_MODES, ExpertMap
+from babel_lib.core.study import StudyParams, param
+from babel_lib.data.texts import TextSource
+from babel_lib.errors import BabelError
 
 RULES = ("topk", "zscore", "threshold")
-SCORERS = ("auto", "matmul", "index_add")
 NEURON_RULE = "a > 0"  # when a neuron counts as active (recorded with every artefact)
-_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ProfileParams(StudyParams):
+    """Notebook 02's counting pass: which text, and when an expert counts as activated on a token."""
+
+    KIND: ClassVar[str] = "frequencies"
+    CODE: ClassVar[tuple[str, ...]] = ("babel_lib.babel.profiler", "babel_lib.babel.moe", "babel_lib.core.batches",
+                                       "babel_lib.core.hooks")
+
+    paragraphs: int | None = param(80, ge=1)  # calibration paragraphs per language; None = the whole split
+    max_length: int = param(256, ge=2)  # tokens per paragraph at most
+    batch_tokens: int = param(4096, ge=1)  # tokens per batch (paragraphs of similar length together)
+    rule: Literal["topk", "zscore", "threshold"] = "topk"
+    ratio: float = param(0.25, gt=0, le=1)  # topk: share of each layer's experts per token; zscore: of all experts
+    threshold: float = 0.0  # rule=threshold: activated when the score is above this
+    mode: Literal["sum", "abs", "pos"] = "sum"  # expert score from its neurons' activations
+    compile: bool = False  # torch.compile the per-layer counting (pays off on CUDA)
 
 
 def positive_counts(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -58,8 +77,7 @@ def active_experts(scores: torch.Tensor, rule: str, k: int = 0, threshold: float
     the last axis) or "threshold" (score > threshold). zscore reuses topk on z-scores flattened over layers."""
     if rule == "threshold":
         return scores > threshold
-    kth = scores.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    return scores >= kth
+    return top_experts(scores, k)
 
 
 def tally(scores: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, rule: str, k: int, threshold: float,
@@ -85,7 +103,7 @@ class ExpertProfiler:
     prof.expert_counts [G, L, E], prof.neuron_counts [G, L, d_ff], prof.tokens [G]   (int64, on the device)
 
     Scores are computed in float64 for float64 models (so counts match a float64 reference exactly), in
-    float32 otherwise. scorer="matmul" (the default on CUDA) is one matmul with the one-hot assignment (for
+    float32 otherwise, by ExpertMap.scores (the one scoring path). scorer="matmul" (the default on CUDA) is one matmul with the one-hot assignment (for
     bf16/fp16 activations on CUDA a half-precision matmul with float32 output: fp32 accumulation, no fp32
     copy of the activations); scorer="index_add" (the default on the CPU) adds each neuron into its expert,
     a fraction of the matmul's cost when d_model is small (the embedded models: E / d_model is 0.4).
@@ -101,8 +119,8 @@ class ExpertProfiler:
             raise BabelError(f"unknown activation rule {rule!r}; choose one of {', '.join(RULES)}")
         if mode not in SCORE_MODES:
             raise BabelError(f"unknown score mode {mode!r}; choose one of {', '.join(SCORE_MODES)}")
-        if scorer not in SCORERS:
-            raise BabelError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+        if scorer not in ("auto", *SCORERS):
+            raise BabelError(f"unknown scorer {scorer!r}; choose one of auto, {', '.join(SCORERS)}")
         if n_groups < 1:
             raise BabelError(f"n_groups={n_groups} must be at least 1")
         L, E = experts.n_layers, experts.n_experts
@@ -121,10 +139,9 @@ class ExpertProfiler:
         self.neurons = neurons
         self._positive = torch.compile(positive_counts) if compile else positive_counts
         self._tally = torch.compile(tally) if compile else tally
-        self._onehot: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # CUDA: [d_ff, E] per layer and dtype
-        self._labels: dict[int, torch.Tensor] = {}  # CPU: expert of each neuron, per layer
         self._z: torch.Tensor | None = None  # [N, L, E] z-scores of the current batch (zscore rule only)
         self._mask: torch.Tensor | None = None
+        self._masks: dict[torch.device, torch.Tensor] = {}
         self._group = 0
         self._stack: ExitStack | None = None
 
@@ -151,6 +168,7 @@ class ExpertProfiler:
         if not 0 <= group < self.n_groups:
             raise BabelError(f"group {group} is outside 0..{self.n_groups - 1}; make the profiler with more n_groups")
         self._mask = count_mask.reshape(-1).to(self.device, torch.bool, non_blocking=True)
+        self._masks = {self.device: self._mask}  # a copy per device of a model split over several (device_map)
         self._group = group
 
     @torch.no_grad()
@@ -165,26 +183,6 @@ class ExpertProfiler:
         self.set_batch(batch.count_mask, group)
         run_decoder(self.model, batch.input_ids, batch.attention_mask)
 
-    def _scores(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        """Expert scores [N, E]: float64 for float64 activations, else float32 (fp32 accumulation)."""
-        if self.mode == "abs":
-            a = a.abs()
-        elif self.mode == "pos":
-            a = a.clamp_min(0)
-        dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-        if self.scorer == "index_add":
-            if layer not in self._labels:
-                self._labels[layer] = self.experts.labels[layer].to(a.device)
-            out = torch.zeros(a.shape[0], self.experts.n_experts, dtype=dtype, device=a.device)
-            return out.index_add_(1, self._labels[layer], a.to(dtype))
-        half = a.dtype in _HALF and a.is_cuda
-        key = (layer, a.dtype if half else dtype)
-        if key not in self._onehot:
-            self._onehot[key] = self.experts.onehot(layer, a.device).to(key[1])
-        if half:
-            return torch.mm(a, self._onehot[key], out_dtype=torch.float32)
-        return a.to(dtype) @ self._onehot[key]
-
     def _hook(self, layer: int):
         def observe(a: torch.Tensor) -> None:
             if self._mask is None:
@@ -194,29 +192,32 @@ class ExpertProfiler:
             if flat.shape[0] != self._mask.numel():
                 raise BabelError(f"the count mask has {self._mask.numel()} tokens but layer {layer} saw "
                                  f"{flat.shape[0]}; call set_batch with this batch's count_mask")
-            self._observe(layer, flat, self._mask)
+            if flat.device not in self._masks:
+                self._masks[flat.device] = self._mask.to(flat.device, non_blocking=True)
+            self._observe(layer, flat, self._masks[flat.device])
 
         return observe
 
     def _observe(self, layer: int, a: torch.Tensor, mask: torch.Tensor) -> None:
-        g, last = self._group, layer == self.experts.n_layers - 1
-        scores = self._scores(layer, a)
+        """Count on the layer's own device; the per-layer sums join the counters on the profiler's device."""
+        g, last, home = self._group, layer == self.experts.n_layers - 1, self.device
+        scores = self.experts.scores(layer, a, self.mode, self.scorer)
         if self.rule == "zscore":
             if self._z is None or self._z.shape[0] != a.shape[0] or self._z.dtype != scores.dtype:
                 self._z = scores.new_empty(a.shape[0], self.experts.n_layers, self.experts.n_experts)
             self._z[:, layer] = zscores(scores)
             if last:  # every layer's z is in: pick the globally top fraction across layers
                 active = active_experts(self._z.flatten(1), "topk", self.k).view_as(self._z)
-                self.expert_counts[g] += (active & mask[:, None, None]).sum(0)
+                self.expert_counts[g] += (active & mask.to(self._z.device)[:, None, None]).sum(0).to(home)
             if self.neurons:
-                self.neuron_counts[g, layer] += self._positive(a, mask)
+                self.neuron_counts[g, layer] += self._positive(a, mask).to(home)
         else:
             experts, neurons = self._tally(scores, a, mask, self.rule, self.k, self.threshold, self.neurons)
-            self.expert_counts[g, layer] += experts
+            self.expert_counts[g, layer] += experts.to(home)
             if self.neurons:
-                self.neuron_counts[g, layer] += neurons
+                self.neuron_counts[g, layer] += neurons.to(home)
         if last:
-            self.tokens[g] += mask.sum()
+            self.tokens[g] += mask.sum().to(home)
 
 
 def profile_languages(lm: LoadedModel, experts: ExpertMap, texts: Mapping[str, Sequence[str]], *,
@@ -233,18 +234,21 @@ def profile_languages(lm: LoadedModel, experts: ExpertMap, texts: Mapping[str, S
 
     codes = list(texts)
     n = len(codes)
+    jobs = [(2 * i + half, batch) for i, code in enumerate(codes) for half in (0, 1) if list(texts[code])[half::2]
+            for batch in paragraph_batches(lm.tokenizer, list(texts[code])[half::2], batch_tokens=batch_tokens,
+                                           max_length=max_length)]
+    mine = distributed.shard(jobs)  # under torchrun: this rank's batches; the counters are summed below
     with ExpertProfiler(lm, experts, 2 * n, rule=rule, ratio=ratio, threshold=threshold, mode=mode,
                         compile=compile) as prof:
-        for i, code in enumerate(tqdm(codes, desc=f"{lm.name}: profiling", disable=not progress, leave=False)):
-            for half in (0, 1):
-                paragraphs = list(texts[code])[half::2]
-                batches = paragraph_batches(lm.tokenizer, paragraphs, batch_tokens=batch_tokens,
-                                            max_length=max_length) if paragraphs else ()
-                for batch in batches:
-                    prof.count(batch, 2 * i + half)
-    halves = prof.expert_counts.cpu().view(n, 2, *prof.expert_counts.shape[1:]).transpose(0, 1)
-    tokens_halves = prof.tokens.cpu().view(n, 2).T
-    neurons = prof.neuron_counts.cpu().view(n, 2, *prof.neuron_counts.shape[1:]).sum(1)
+        def work():
+            for _, (group, batch) in tqdm(mine, desc=f"{lm.name}: profiling", disable=not progress, leave=False):
+                prof.count(batch, group)
+        distributed.together(work)
+    counts = distributed.all_reduce({"experts": prof.expert_counts, "neurons": prof.neuron_counts,
+                                     "tokens": prof.tokens})
+    halves = counts["experts"].cpu().view(n, 2, *prof.expert_counts.shape[1:]).transpose(0, 1)
+    tokens_halves = counts["tokens"].cpu().view(n, 2).T
+    neurons = counts["neurons"].cpu().view(n, 2, *prof.neuron_counts.shape[1:]).sum(1)
     if int(tokens_halves.min()) == 0:
         empty = [codes[i] for i in range(n) if int(tokens_halves[:, i].min()) == 0]
         raise BabelError(f"languages {empty} have no counted token in one split half; give each at least two "
@@ -253,27 +257,67 @@ def profile_languages(lm: LoadedModel, experts: ExpertMap, texts: Mapping[str, S
             "expert_counts_halves": halves.contiguous(), "tokens_halves": tokens_halves.contiguous()}
 
 
+def calibration_sample(languages: Sequence[str], paragraphs: int | None, source: TextSource = TextSource()
+                       ) -> dict[str, list[str]]:
+    """`paragraphs` rows of the calibration split (all when None), evenly spaced over it so they come from
+    many help pages, each in every language: {code: paragraphs}."""
+    import numpy as np
 
-def cached_profile(store: ArtefactStore, lm: LoadedModel, experts: ExpertMap, partition: Mapping[str, Any],
-                   texts: Mapping[str, Sequence[str]], *, split: str, rule: str = "topk", ratio: float = 0.25,
-                   threshold: float = 0.0, mode: str = "sum", max_length: int = 256, batch_tokens: int = 4096,
-                   compile: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
-    """`profile_languages`, saved as (or loaded from) the "frequencies" artefact; returns tensors, meta, path.
+    corpus = source.load(languages, "calibration")
+    n = min(paragraphs or len(corpus), len(corpus))
+    rows = np.linspace(0, len(corpus) - 1, n).round().astype(int)
+    sample = corpus.select(sorted(set(rows.tolist())))
+    return {lang: list(sample[lang]) for lang in languages}
 
-    The key holds the model and its fingerprint, the partition's parameters (`partition`, e.g. from
-    conversion.partition_params; a base model's partition when profiling its instruct variant), the rule,
-    ratio, threshold, mode, languages, split, paragraphs per language, max_length and a hash of the texts.
-    """
+
+@dataclass
+class Profile:
+    """One model's counts (the "frequencies" artefact: expert_counts [n, L, E], neuron_counts [n, L, d_ff],
+    tokens [n], expert_counts_halves [2, n, L, E], tokens_halves [2, n]), its metadata and file."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    path: Path | None
+
+    def summary(self) -> dict[str, Any]:
+        """The shape of the counts and how many tokens they rest on."""
+        counts, tokens = self.tensors["expert_counts"], self.tensors["tokens"]
+        return {"layers": counts.shape[1], "experts per layer": counts.shape[2], "tokens counted": int(tokens.sum()),
+                "tokens per language (min–max)": f"{int(tokens.min())}–{int(tokens.max())}",
+                "artefact": self.path.name if self.path else None}
+
+
+def profile(store: ArtefactStore | None, lm: LoadedModel, partition: Partition, params: ProfileParams,
+            texts: Mapping[str, Sequence[str]], *, split: str, progress: bool = True) -> Profile:
+    """`profile_languages` of `lm` with `partition`'s experts, saved as (or loaded from) the "frequencies"
+    artefact. The key holds every field of `params`, the code, the model and its fingerprint, the partition's
+    key (a base model's partition when profiling its instruct variant), the languages, the split and the
+    texts' sha256."""
     codes = list(texts)
-    params = {"model": lm.name, "fingerprint": lm.fingerprint, "partition": dict(partition), "rule": rule,
-              "ratio": ratio, "threshold": threshold, "mode": mode, "languages": codes, "split": split,
-              "paragraphs": len(texts[codes[0]]), "max_length": max_length,
-              "texts_sha256": hashlib.sha256(json.dumps([list(texts[c]) for c in codes]).encode()).hexdigest()}
-    meta = {**params, "card": lm.card, "n_experts": experts.n_experts, "neuron_rule": NEURON_RULE}
+    key = params.key(model=lm.name, fingerprint=lm.fingerprint, partition=partition.key, languages=codes,
+                     split=split, texts_sha256=texts_sha256([list(texts[c]) for c in codes]))
+    meta = {"model": lm.name, "card": lm.card, "languages": codes, "split": split, **params.as_dict(),
+            "n_experts": partition.experts.n_experts, "partition": partition.params.as_dict(),
+            "neuron_rule": NEURON_RULE}
 
     def compute():
-        return profile_languages(lm, experts, texts, rule=rule, ratio=ratio, threshold=threshold, mode=mode,
-                                 batch_tokens=batch_tokens, max_length=max_length, compile=compile), meta
+        return profile_languages(lm, partition.experts, texts, rule=params.rule, ratio=params.ratio,
+                                 threshold=params.threshold, mode=params.mode, batch_tokens=params.batch_tokens,
+                                 max_length=params.max_length, compile=params.compile, progress=progress), meta
 
-    tensors, meta = store.cached("frequencies", params, compute)
-    return tensors, meta, store.paths("frequencies", params)[0]
+    if store is None:
+        return Profile(compute()[0], meta, None)
+    tensors, meta = store.cached(params.KIND, key, compute)
+    return Profile(tensors, meta, store.paths(params.KIND, key)[0])
+
+
+def save_index(artefacts: str | Path, run: str, profiles: Mapping[str, Profile]) -> Path:
+    """Write <artefacts>/frequencies/index-<run>.json: {model: artefact path relative to the index's folder}
+    (what the explorer reads)."""
+    import os
+
+    from babel_lib.babel.explorer import frequency_index
+
+    index = frequency_index(artefacts, run)
+    write_json(index, {name: os.path.relpath(p.path, index.parent) for name, p in profiles.items()})
+    return index

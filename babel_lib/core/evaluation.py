@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from babel_lib.core import distributed
 from babel_lib.core.models import run_decoder
 
 
@@ -43,16 +44,34 @@ def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def window_loss(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, chunk: int = 512) -> Loss:
-    """Next-token loss over every position after the first of each window [N, seq_len]."""
+def window_loss(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, chunk: int = 512,
+                distribute: bool = True) -> Loss:
+    """Next-token loss over every position after the first of each window [N, seq_len].
+
+    Under torchrun (and `distribute`) the batches are shared among the ranks and their sums gathered, so every
+    rank returns the single-process Loss exactly; `distribute=False` inside a pass that shards its own batches.
+    """
     device = next(model.parameters()).device
-    total = Loss(0.0, 0)
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start : start + batch_size].to(device)
-        hidden = run_decoder(model, ids)[:, :-1]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        targets = ids[:, 1:].reshape(-1)
-        for i in range(0, targets.numel(), chunk):
-            logp = torch.log_softmax(lm_logits(model, hidden[i : i + chunk]), dim=-1)
-            total += Loss(-logp.gather(1, targets[i : i + chunk, None]).sum().item(), targets[i : i + chunk].numel())
+    starts = list(range(0, windows.shape[0], batch_size))
+    mine = distributed.shard(starts) if distribute else list(enumerate(starts))
+
+    def work() -> list[float]:
+        return [_batch_nll(model, windows[start : start + batch_size].to(device), chunk) for _, start in mine]
+
+    if not distribute:
+        return Loss(sum(work()), windows[:, 1:].numel())
+    nll = torch.tensor(distributed.together(work), dtype=torch.float64)
+    nll = distributed.gather_rows(nll, [i for i, _ in mine], len(starts))
+    return Loss(sum(nll.tolist()), windows[:, 1:].numel())
+
+
+def _batch_nll(model: nn.Module, ids: torch.Tensor, chunk: int) -> float:
+    """Summed next-token NLL of one batch of windows, the LM head applied `chunk` positions at a time."""
+    hidden = run_decoder(model, ids)[:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = ids[:, 1:].reshape(-1)
+    total = 0.0
+    for i in range(0, targets.numel(), chunk):
+        logp = torch.log_softmax(lm_logits(model, hidden[i : i + chunk]), dim=-1)
+        total += -logp.gather(1, targets[i : i + chunk, None]).sum().item()
     return total

@@ -27,6 +27,7 @@ class ArchSpec:
     gate: str | None = None  # gate projection of a gated FFN
     fused_gate_up: bool = False  # `up` holds [gate; up] stacked along its output (Phi-3)
     conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
+    width_key: str = "intermediate_size"  # the config key of d_ff
 
 
 _LLAMA_LIKE = ArchSpec("model.layers", "mlp", up="up_proj", down="down_proj", act="act_fn", gate="gate_proj")
@@ -41,9 +42,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3_text": _LLAMA_LIKE,
     "phi3": ArchSpec("model.layers", "mlp", up="gate_up_proj", down="down_proj", act="activation_fn",
                      fused_gate_up=True),
-    "gpt2": ArchSpec("transformer.h", "mlp", up="c_fc", down="c_proj", act="act", conv1d=True),
+    "gpt2": ArchSpec("transformer.h", "mlp", up="c_fc", down="c_proj", act="act", conv1d=True,
+                     width_key="n_inner"),
     "gpt_neox": ArchSpec("gpt_neox.layers", "mlp", up="dense_h_to_4h", down="dense_4h_to_h", act="act"),
-    "opt": ArchSpec("model.decoder.layers", "", up="fc1", down="fc2", act="activation_fn"),
+    "opt": ArchSpec("model.decoder.layers", "", up="fc1", down="fc2", act="activation_fn", width_key="ffn_dim"),
 }
 
 

@@ -44,10 +44,13 @@ def _png(fig, path: Path, width: int, height: int) -> None:
 
 
 def caption(P: Mapping[str, Any], model: str | None = None, **details: Any) -> str:
-    """One line naming the model, the data and the parameters behind a figure."""
+    """One line naming the model (with the quantisation of embedded models), the data and the parameters."""
     parts = []
     if model:
-        parts.append(model)
+        from babel_lib.core.models import EMBEDDED
+
+        quantised = [f"{m} {EMBEDDED[m].quantisation} 4-bit GGUF" for m in map(str.strip, model.split(",")) if m in EMBEDDED]
+        parts.append(model + (f" ({', '.join(quantised)})" if quantised else ""))
     parts.append(f"data: {P.get('corpus', 'libreoffice-help')}")
     parts += [f"{k}={v}" for k, v in details.items()]
     parts.append(f"profile {P.get('profile', '?')}")

@@ -7,13 +7,11 @@ sha256; a load checks them, and the fingerprint of a cached model is made from t
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -28,7 +26,6 @@ from babel_lib.core.artefacts import pid_alive, sha256_file
 from babel_lib.errors import BabelError
 
 _MARKER = "babel-cache.json"  # written last: its presence means the cached folder is complete
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # what a Hugging Face id looks like: org/name
 
 
 @dataclass(frozen=True)
@@ -239,25 +236,51 @@ def file_fingerprint(model: nn.Module, hashes: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def check_model_name(name: str) -> None:
+    """Catch a misspelt embedded alias before anything reaches for the hub (a hub id has the form org/name)."""
+    if name in EMBEDDED or name.startswith("tiny:") or Path(name).expanduser().exists():
+        return
+    if "/" not in name or name.startswith((".", "/", "~")):
+        from babel_lib.core.study import did_you_mean
+
+        raise BabelError(f"unknown model {name!r}{did_you_mean(name, list(EMBEDDED))}: not an embedded alias "
+                         f"({', '.join(EMBEDDED)}), a tiny:<model_type> model, an existing local folder, or a "
+                         "Hugging Face id of the form org/name")
+
+
 def load_model(
     name: str,
     device: str | None = "auto",
     dtype: str | torch.dtype | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
+    device_map: str | dict[str, str | int] | None = None,
 ) -> LoadedModel:
-    """Load an embedded alias, a `tiny:<model_type>[:seed]` random model, a local folder or a Hugging Face id."""
+    """Load an embedded alias, a `tiny:<model_type>[:seed]` random model, a local folder or a Hugging Face id.
+
+    `revision` picks a checkpoint: a git revision (branch, tag, commit) of a Hugging Face id, or a subfolder of a
+    local folder (e.g. Pythia-style `step1000/` checkpoints saved side by side). `device_map` ("auto",
+    "balanced" or {module name: device}) spreads the layers over the host's GPUs through accelerate, for models
+    larger than one GPU; `device` is then ignored (offloading to "disk" is not supported: weights must be real).
+    """
     from babel_lib.core.tiny import tiny_model
 
+    check_model_name(name)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     hashes = None
     if name.startswith("tiny:"):
+        if revision:
+            raise BabelError(f"{name} is a random model with no revisions; drop revision={revision!r}")
         model, tokenizer = tiny_model(name, attn_implementation)
         card = f"{name} (randomly initialised, for tests)"
+        if device_map is not None:
+            model = dispatch(model.to(dt), device_map)
     else:
-        model, tokenizer, card, hashes = _load_pretrained(name, dt, attn_implementation, trust_remote_code)
-    model = model.to(device=dev, dtype=dt).eval()
+        model, tokenizer, card, hashes = _load_pretrained(name, dt, attn_implementation, trust_remote_code, revision,
+                                                          device_map)
+    model = (model if device_map is not None else model.to(device=dev, dtype=dt)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     fp = file_fingerprint(model, hashes) if hashes else fingerprint(model)
@@ -265,22 +288,15 @@ def load_model(
 
 
 def _source(name: str) -> str:
-    """Where a name that is neither tiny nor embedded loads from: a local model folder or a Hugging Face id.
-
-    Anything else (an alias typo, a missing folder) fails here, before any hub call, with a did-you-mean.
-    """
+    """Where a name that is neither tiny nor embedded loads from (check_model_name has vetted its form): a local
+    folder, which must hold a config.json, or else a Hugging Face id."""
     path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise BabelError(f"{path} is not a model folder (it has no config.json); pass a folder written by "
-                             f"save_pretrained, a Hugging Face id (org/name) or an embedded alias ({', '.join(EMBEDDED)})")
-        return str(path)
-    if _HUB_ID.match(name):
+    if not path.exists():
         return name
-    close = difflib.get_close_matches(name, list(EMBEDDED), n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise BabelError(f"unknown model {name!r}: {hint}it is not an embedded alias ({', '.join(EMBEDDED)}), a "
-                     f"tiny:<model_type> model, an existing local folder or a Hugging Face id (org/name)")
+    if not (path / "config.json").is_file():
+        raise BabelError(f"{path} is not a model folder (it has no config.json); pass a folder written by "
+                         f"save_pretrained, a Hugging Face id (org/name) or an embedded alias ({', '.join(EMBEDDED)})")
+    return str(path)
 
 
 def _check_causal(source: str, config) -> None:
@@ -294,11 +310,30 @@ def _check_causal(source: str, config) -> None:
                          f"causal LMs such as llama, qwen2, gemma3_text, gpt2: pick one of those")
 
 
-def _load_pretrained(name, dtype, attn_implementation, trust_remote_code):
+def dispatch(model: nn.Module, device_map: str | dict[str, str | int]) -> nn.Module:
+    """An in-memory model spread over devices by accelerate ("auto"/"balanced": balanced over the GPUs)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced"):
+            raise BabelError(f"device_map={device_map!r}: use 'auto', 'balanced' or {{module name: device}}")
+        no_split = model._no_split_modules
+        device_map = infer_auto_device_map(model, max_memory=get_balanced_memory(model, no_split_module_classes=no_split),
+                                           no_split_module_classes=no_split)
+    if any(d in ("disk", "meta") for d in device_map.values()):
+        raise BabelError(f"device_map puts modules on disk/meta ({device_map}); babel needs every weight on a device")
+    return dispatch_model(model, device_map=device_map, force_hooks=True)
+
+
+def _load_pretrained(name, dtype, attn_implementation, trust_remote_code, revision=None, device_map=None):
     """(model, tokenizer, card, file sha256s or None) for an embedded alias, a local folder or a hub id."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    tokenizer_kwargs = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     hashes = None
@@ -309,12 +344,19 @@ def _load_pretrained(name, dtype, attn_implementation, trust_remote_code):
         source = str(folder)
         card = (f"{name}: {entry.original} ({entry.variant}), {entry.quantisation} 4-bit GGUF dequantised to "
                 f"float; {entry.licence}")
+    elif revision and Path(name).expanduser().is_dir():
+        source = str(Path(name).expanduser() / revision)
+        if not Path(source).is_dir():
+            raise BabelError(f"local model {name} has no checkpoint folder {revision!r} ({source} does not exist)")
+        card = f"{name} @ {revision} (local checkpoint)"
     else:
         source = _source(name)
-        card = f"{name} (Hugging Face)"
+        card = f"{name} (Hugging Face)" + (f" @ {revision}" if revision else "")
+        if revision:
+            kwargs["revision"] = tokenizer_kwargs["revision"] = revision
     try:
-        _check_causal(source, AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        _check_causal(source, AutoConfig.from_pretrained(source, **tokenizer_kwargs))
+        tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except BabelError:
         raise

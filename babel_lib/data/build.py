@@ -6,6 +6,7 @@
 
 Needs apt-get and dpkg (packages are fetched with `apt-get download` and unpacked with `dpkg -x`, nothing is
 installed). The help pages ship pre-rendered as HTML; each paragraph keeps the stable id it has in the .xhp source.
+HTML parsing and element kinds are in help_pages, the alignment and quality rules in alignment.
 """
 
 from __future__ import annotations
@@ -21,34 +22,20 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from html.parser import HTMLParser
 from pathlib import Path
 
+from babel_lib.data.alignment import HELDOUT_EVERY, NEAR_COPY_RATIO, REUSED_FOR, RULES, SOURCE, align, page_of
 from babel_lib.data.corpus import CORPUS_DIR, CORPUS_FILE, PROVENANCE_FILE, SPLITS, read_provenance
-from babel_lib.errors import BabelError
+from babel_lib.data.help_pages import KINDS, Paragraph, page_paragraphs
 from babel_lib.data.languages import CORPUS_LANGUAGES
+from babel_lib.errors import BabelError
 
 DEBS_DIR = CORPUS_DIR.parent / "debs"
 HELP_ROOT = Path("usr/share/libreoffice/help")
 # babel code -> LibreOffice locale, where the two differ (the package name is the locale in lower case).
 LIBREOFFICE_LOCALE = {"en": "en-US"}
-PARAGRAPH_TAGS = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6"})
-VOID_TAGS = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"})
-SKIPPED_TAGS = frozenset({"script", "style", "img"})
-HELDOUT_EVERY = 5  # a paragraph is held out when the first 8 bytes of sha256(id) are 0 mod 5: about 20%
 XZ_PRESET = 9
 BUILD_COMMAND = "python -m babel_lib.data.build"
-RULES = (
-    "one row per `page path#paragraph id` (p and h1-h6 elements with an id) present in every language",
-    "ids that occur twice in one page are dropped (ambiguous)",
-    "text: inline tags replaced by their text, images and scripts dropped, <br> as a space, entities decoded, "
-    "whitespace collapsed; of a system/application switch only the default case (else the first) is kept",
-    "dropped: paragraphs without a letter in any language, and paragraphs identical to English in any language "
-    "(untranslated fallback)",
-    "duplicate English texts keep only their first id in sorted id order",
-    "split: heldout when int.from_bytes(sha256(id)[:8], 'big') % 5 == 0, else calibration",
-    "order: rows sorted by sha256(id) hex digest (a fixed shuffle, so the first N rows mix all help modules)",
-)
 
 
 @dataclass(frozen=True)
@@ -77,151 +64,39 @@ def deb_filename(package: str, version: str) -> str:
     return f"{package}_{version.replace(':', '%3a')}_all.deb"
 
 
-# ------------------------------------------------------------------------------------------ HTML -> paragraphs
+# ------------------------------------------------------------------------------------------ .deb -> paragraphs
 
 
-class _Element:
-    """A parsed HTML element: tag, attributes and children (elements and text)."""
-
-    __slots__ = ("tag", "attrs", "children")
-
-    def __init__(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tag, self.attrs, self.children = tag, {k: v or "" for k, v in attrs}, []
-
-
-class _TreeBuilder(HTMLParser):
-    """Builds an element tree; entities are decoded, void tags get no children, stray end tags are ignored."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.root = _Element("#root", [])
-        self._open = [self.root]
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        element = _Element(tag, attrs)
-        self._open[-1].children.append(element)
-        if tag not in VOID_TAGS:
-            self._open.append(element)
-
-    def handle_endtag(self, tag: str) -> None:
-        for depth in range(len(self._open) - 1, 0, -1):
-            if self._open[depth].tag == tag:
-                del self._open[depth:]
-                return
-
-    def handle_data(self, data: str) -> None:
-        self._open[-1].children.append(data)
-
-
-def _switch_case(switch: _Element) -> list[_Element]:
-    """The case a switchinline shows by default (the `default...` one, else the first); the others are hidden."""
-    cases = [child for child in switch.children if isinstance(child, _Element)]
-    default = [case for case in cases if case.attrs.get("id", "").startswith("default")]
-    return (default or cases)[:1]
-
-
-def _collect_text(element: _Element, pieces: list[str]) -> None:
-    """Append the visible text of an element's children to pieces (inline tags -> their text)."""
-    for child in element.children:
-        if isinstance(child, str):
-            pieces.append(child)
-        elif child.tag == "br":
-            pieces.append(" ")
-        elif "switchinline" in child.attrs.get("class", "").split():
-            for case in _switch_case(child):
-                _collect_text(case, pieces)
-        elif child.tag not in SKIPPED_TAGS:
-            _collect_text(child, pieces)
-
-
-def clean_text(element: _Element) -> str:
-    """The cleaned text of one paragraph element: visible text with whitespace collapsed."""
-    pieces: list[str] = []
-    _collect_text(element, pieces)
-    return " ".join("".join(pieces).split())
-
-
-def _paragraph_elements(element: _Element, found: list[_Element]) -> None:
-    """Append every p/h1-h6 element with an id below element (paragraphs do not nest)."""
-    for child in element.children:
-        if isinstance(child, _Element):
-            if child.tag in PARAGRAPH_TAGS and child.attrs.get("id"):
-                found.append(child)
-            else:
-                _paragraph_elements(child, found)
-
-
-def page_paragraphs(html: str) -> dict[str, str]:
-    """Paragraph id -> cleaned text for one help page; ids that occur more than once are dropped."""
-    builder = _TreeBuilder()
-    builder.feed(html)
-    builder.close()
-    found: list[_Element] = []
-    _paragraph_elements(builder.root, found)
-    counts = Counter(element.attrs["id"] for element in found)
-    return {element.attrs["id"]: clean_text(element) for element in found if counts[element.attrs["id"]] == 1}
-
-
-def read_help(deb: Path, code: str) -> dict[str, str]:
-    """`page path#paragraph id` -> cleaned text for every help page in one language's .deb (via dpkg -x)."""
+def read_help(deb: Path, code: str) -> dict[str, Paragraph]:
+    """`page path#paragraph id` -> (cleaned text, kind) for every help page in one language's .deb (via dpkg -x)."""
     with tempfile.TemporaryDirectory(prefix="babel-help-") as unpacked:
         _run(["dpkg", "-x", str(deb), unpacked])
         root = Path(unpacked) / HELP_ROOT / locale(code)
         pages = sorted(root.rglob("*.html"))
         if not pages:
             raise BabelError(f"{deb.name} has no help pages under {HELP_ROOT / locale(code)}; is it the right package?")
-        texts = {}
+        paragraphs = {}
         for page in pages:
             path = page.relative_to(root).as_posix()
-            for pid, text in page_paragraphs(page.read_text(encoding="utf-8")).items():
-                texts[f"{path}#{pid}"] = text
-        return texts
-
-
-# ------------------------------------------------------------------------------------------ alignment, split
-
-
-def _digest(pid: str) -> bytes:
-    """sha256 of a paragraph id: the fixed source of both the split and the row order."""
-    return hashlib.sha256(pid.encode("utf-8")).digest()
-
-
-def split_of(pid: str) -> str:
-    """The fixed split of a paragraph id: heldout for about one id in five, else calibration."""
-    return "heldout" if int.from_bytes(_digest(pid)[:8], "big") % HELDOUT_EVERY == 0 else "calibration"
-
-
-def _has_letter(text: str) -> bool:
-    """Whether text has a letter (an empty or markup/number-only paragraph has none)."""
-    return any(char.isalpha() for char in text)
-
-
-def align(texts: dict[str, dict[str, str]], source: str = "en") -> list[dict[str, str]]:
-    """Rows {segment_id, split, <lang>: text} for ids translated in every language, deduplicated and in fixed order."""
-    targets = [code for code in texts if code != source]
-    rows, seen = [], set()
-    for key in sorted(set.intersection(*(set(by_key) for by_key in texts.values()))):
-        row = {code: by_key[key] for code, by_key in texts.items()}
-        original = row[source]
-        translated = all(_has_letter(row[code]) and row[code] != original for code in targets)
-        if _has_letter(original) and translated and original not in seen:
-            seen.add(original)
-            rows.append({"segment_id": key, "split": split_of(key), **row})
-    return sorted(rows, key=lambda row: _digest(row["segment_id"]).hex())
+            for pid, paragraph in page_paragraphs(page.read_text(encoding="utf-8")).items():
+                paragraphs[f"{path}#{pid}"] = paragraph
+        return paragraphs
 
 
 # ------------------------------------------------------------------------------------------ files
 
 
-def corpus_bytes(rows: list[dict[str, str]]) -> bytes:
+def corpus_bytes(rows: list[dict]) -> bytes:
     """The deterministic file content: sorted-key JSON lines, xz-compressed with a fixed preset."""
     lines = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n" for row in rows)
     return lzma.compress(lines.encode("utf-8"), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_PRESET)
 
 
-def provenance_bytes(packages: list[Package], data: bytes, rows: list[dict[str, str]]) -> bytes:
+def provenance_bytes(packages: list[Package], data: bytes, rows: list[dict]) -> bytes:
     """The provenance record: exact package versions and sha256, corpus sha256 and counts, commands, rules."""
     counts = Counter(row["split"] for row in rows)
+    pages = {split: len({page_of(row["segment_id"]) for row in rows if row["split"] == split}) for split in SPLITS}
+    kinds = Counter((row["kind"], row["split"]) for row in rows)
     record = {
         "build_command": BUILD_COMMAND,
         "check_command": f"{BUILD_COMMAND} --check",
@@ -230,9 +105,12 @@ def provenance_bytes(packages: list[Package], data: bytes, rows: list[dict[str, 
             "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data),
             "paragraphs": {split: counts[split] for split in SPLITS},
+            "pages": pages,
+            "kinds": {kind: {split: kinds[kind, split] for split in SPLITS} for kind in KINDS},
         },
+        "quality": {"near_copy_ratio": NEAR_COPY_RATIO, "reused_for": REUSED_FOR, "heldout_every": HELDOUT_EVERY},
         "languages": [package.language for package in packages],
-        "licence": "MPL-2.0 (LibreOffice help content; see NOTICE)",
+        "licence": "MPL-2.0, with parts under Apache-2.0 (LibreOffice help content and translations; see NOTICE)",
         "packages": [asdict(package) for package in packages],
         "rules": list(RULES),
         "source": "Debian 12 (bookworm) binary packages built from the source package libreoffice",
@@ -247,7 +125,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def write_corpus(directory: Path, packages: list[Package], rows: list[dict[str, str]]) -> Path:
+def write_corpus(directory: Path, packages: list[Package], rows: list[dict]) -> Path:
     """Write the corpus and its provenance into directory; returns the corpus path."""
     directory.mkdir(parents=True, exist_ok=True)
     data = corpus_bytes(rows)
@@ -344,14 +222,17 @@ def fetch(package: Package, debs: Path) -> Package:
 # ------------------------------------------------------------------------------------------ command line
 
 
-def build(packages: list[Package], debs: Path, directory: Path) -> tuple[Path, list[dict[str, str]]]:
+def build(packages: list[Package], debs: Path, directory: Path) -> tuple[Path, list[dict]]:
     """Fetch, unpack, clean and align every language and write the corpus into directory."""
     fetched = [fetch(package, debs) for package in packages]
-    texts = {}
+    texts, kinds = {}, {}
     for package in fetched:
-        texts[package.language] = read_help(debs / package.deb, package.language)
-        print(f"{package.language}: {len(texts[package.language])} paragraphs from {package.package}={package.version}")
-    rows = align(texts)
+        paragraphs = read_help(debs / package.deb, package.language)
+        texts[package.language] = {key: paragraph.text for key, paragraph in paragraphs.items()}
+        if package.language == SOURCE:
+            kinds = {key: paragraph.kind for key, paragraph in paragraphs.items()}
+        print(f"{package.language}: {len(paragraphs)} paragraphs from {package.package}={package.version}")
+    rows = align(texts, kinds)
     return write_corpus(directory, fetched, rows), rows
 
 

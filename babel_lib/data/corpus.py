@@ -1,4 +1,5 @@
-"""Loader of the shipped LibreOffice-help parallel corpus: one row per paragraph, one column per language."""
+"""Loader of the shipped LibreOffice-help parallel corpus: one row per paragraph, one column per language, plus the
+paragraph's element kind and English word count to filter on."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import datasets
 
+from babel_lib.data.help_pages import KINDS
 from babel_lib.errors import BabelError
 
 CORPUS_DIR = Path(__file__).resolve().parents[2] / "data" / "libreoffice-help"
 CORPUS_FILE = "corpus.jsonl.xz"
 PROVENANCE_FILE = "provenance.json"
 SPLITS = ("calibration", "heldout")
+META_COLUMNS = ("segment_id", "split", "kind", "en_words")
 
 
 def _broken(directory: Path, problem: str) -> BabelError:
@@ -34,7 +37,7 @@ def read_provenance(directory: Path = CORPUS_DIR) -> dict:
         raise _broken(directory, f"has an unreadable {PROVENANCE_FILE} ({err})") from None
 
 
-def read_rows(directory: Path = CORPUS_DIR) -> tuple[list[str], list[dict[str, str]]]:
+def read_rows(directory: Path = CORPUS_DIR) -> tuple[list[str], list[dict]]:
     """The corpus languages and rows, after checking the file against the sha256 in its provenance."""
     provenance = read_provenance(directory)
     try:
@@ -51,7 +54,7 @@ def read_rows(directory: Path = CORPUS_DIR) -> tuple[list[str], list[dict[str, s
         rows = [json.loads(line) for line in lzma.decompress(raw).decode("utf-8").split("\n") if line]
     except (lzma.LZMAError, UnicodeDecodeError, ValueError) as err:
         raise _broken(directory, f"has an unreadable {CORPUS_FILE} ({err})") from None
-    columns = {"segment_id", "split", *languages}
+    columns = {*META_COLUMNS, *languages}
     if any(not isinstance(row, dict) or row.keys() != columns for row in rows):
         raise _broken(directory, f"has rows without exactly the columns {sorted(columns)}")
     return languages, rows
@@ -71,36 +74,53 @@ def _requested(languages: Sequence[str] | None, available: list[str]) -> list[st
     return list(languages)
 
 
-def _check_split_and_limit(split: str | None, limit: int | None) -> None:
-    """Reject a split other than calibration/heldout and a limit that is not a non-negative int."""
+def _is_count(value: object) -> bool:
+    """Whether value is a non-negative int (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_filters(split: str | None, limit: int | None, kinds: Sequence[str] | None, min_words: int | None) -> None:
+    """Reject a split other than calibration/heldout, unknown kinds, and a limit or min_words that is not a
+    non-negative int."""
     if split is not None and split not in SPLITS:
         raise BabelError(f"unknown split {split!r}; use one of {SPLITS} or None for both")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+    if limit is not None and not _is_count(limit):
         raise BabelError(f"limit must be a non-negative int or None, got {limit!r}")
+    if min_words is not None and not _is_count(min_words):
+        raise BabelError(f"min_words must be a non-negative int or None, got {min_words!r}")
+    if isinstance(kinds, str):
+        raise BabelError(f"kinds must be a list of element kinds, not the string {kinds!r}; use [{kinds!r}]")
+    unknown = [kind for kind in kinds or () if kind not in KINDS]
+    if unknown:
+        raise BabelError(f"unknown element kinds {unknown}; use some of: {', '.join(KINDS)}")
 
 
 def load_corpus(
     languages: Sequence[str] | None = None,
     split: str | None = None,
     limit: int | None = None,
+    kinds: Sequence[str] | None = None,
+    min_words: int | None = None,
     *,
     directory: str | Path | None = None,
 ) -> datasets.Dataset:
-    """Aligned paragraphs as a Dataset with columns segment_id (page path#paragraph id), split
-    and one text column per language.
+    """Aligned paragraphs as a Dataset with columns segment_id (page path#paragraph id), split, one text column
+    per language, kind (the element kind, one of KINDS) and en_words (words of the English text).
 
-    Rows keep the shipped (deterministic) order; `split` filters to calibration or heldout, then `limit`
-    keeps the first N rows. `directory` points at another build of the corpus (default: the shipped one).
+    Rows keep the shipped (deterministic) order; `split` filters to calibration or heldout, `kinds` to those
+    element kinds and `min_words` to rows with at least that many English words; then `limit` keeps the first N
+    rows. `directory` points at another build of the corpus (default: the shipped one).
     """
-    _check_split_and_limit(split, limit)
+    _check_filters(split, limit, kinds, min_words)
     available, rows = read_rows(CORPUS_DIR if directory is None else Path(directory))
     codes = _requested(languages, available)
-    if split is not None:
-        rows = [row for row in rows if row["split"] == split]
+    rows = [row for row in rows if (split is None or row["split"] == split)
+            and (kinds is None or row["kind"] in kinds) and (min_words is None or row["en_words"] >= min_words)]
     rows = rows if limit is None else rows[:limit]
-    names = ["segment_id", "split", *codes]
-    features = datasets.Features({name: datasets.Value("string") for name in names})
-    return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in names}, features=features)
+    features = datasets.Features({"segment_id": datasets.Value("string"), "split": datasets.Value("string"),
+                                  **{code: datasets.Value("string") for code in codes},
+                                  "kind": datasets.Value("string"), "en_words": datasets.Value("int32")})
+    return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
 
 
 def corpus_info(directory: str | Path | None = None) -> dict:

@@ -32,7 +32,8 @@ def layerwise_figure(panels: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) ->
             fig.add_trace(go.Scatter(x=x, y=values.mean(0).tolist(), mode="lines+markers", name=name,
                                      legendgroup=name, showlegend=col == 1, line={"color": colour}), row=1, col=col)
         fig.update_xaxes(title_text="layer", row=1, col=col)
-    fig.update_yaxes(type="log", title_text="|h| (residual stream)", row=1, col=1)
+        fig.update_yaxes(type="log", row=1, col=col)
+    fig.update_yaxes(title_text="|h| (residual stream)", row=1, col=1)
     fig.update_layout(title="Top-1/2/3 and median magnitude of the residual stream per layer")
     return fig
 
@@ -65,7 +66,7 @@ def constancy_figure(rows: Mapping[str, Sequence[Mapping]]) -> go.Figure:
                                      legendgroup=kind, showlegend=col == 1, marker_color=KIND_COLOURS[kind]),
                               row=1, col=col)
     fig.update_yaxes(title_text="value (mean ± std over sequences)", row=1, col=1)
-    fig.update_layout(title="Massive activations are nearly constant across inputs", barmode="group")
+    fig.update_layout(title="Value of each massive activation across sequences (mean ± std)", barmode="group")
     return fig
 
 
@@ -80,7 +81,7 @@ def language_figure(values: Mapping[str, Mapping[str, torch.Tensor]], labels: Ma
             fig.add_trace(go.Box(y=vals.tolist(), name=lang, boxpoints="all", jitter=0.3, showlegend=False,
                                  marker_color="#1f77b4"), row=row, col=1)
         fig.update_yaxes(title_text="value", row=row, col=1)
-    fig.update_layout(title="The largest massive activation per language")
+    fig.update_layout(title="Value of the largest massive activation per language")
     return fig
 
 
@@ -119,7 +120,8 @@ def attention_heatmaps(maps: Mapping[str, Mapping[int, torch.Tensor]],
                                      showscale=row == 1 and col == 2), row=row, col=col)
             fig.update_yaxes(autorange="reversed", title_text="query" if col == 1 else None, row=row, col=col)
             fig.update_xaxes(title_text="key", row=row, col=col)
-    fig.update_layout(title="Head-averaged attention before and after the massive activations appear")
+    fig.update_layout(title="Head-averaged attention of the prompt at the layer where the largest massive activation "
+                            "appears and the next")
     return fig
 
 
@@ -145,5 +147,5 @@ def attention_mass_figure(mass: Mapping[str, torch.Tensor], baseline: Mapping[st
                       layer="below", line_width=0, row=1, col=col)
         fig.update_xaxes(title_text="layer (shaded: its input carries the massive activation)", row=1, col=col)
     fig.update_yaxes(title_text="share of attention on massive-activation tokens", range=[0, 1], row=1, col=1)
-    fig.update_layout(title="Attention concentrates on the massive-activation tokens")
+    fig.update_layout(title="Share of attention on the massive-activation tokens per layer")
     return fig

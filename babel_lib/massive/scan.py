@@ -1,30 +1,46 @@
-"""Massive activations (Sun et al., 2024): scan the residual stream, locate them, and intervene on them.
+"""Massive activations (Sun et al., 2024), step 1: scan the residual stream of every layer.
 
-A massive activation is an entry of a decoder block's output h (the residual stream) with |h| > `magnitude`
-(100) and |h| >= `ratio` (1000) times the median of |h| over all tokens x features of that sequence at that
-layer. The scan keeps, per sequence and layer and on the device, the `top_k` largest |h| with their token
-position and feature dimension, and that median; results leave the device once, at the end of the run.
-Sequences are equal-length windows, so there is no padding to exclude from the median.
+The scan keeps, per sequence and layer and on the device, the `top_k` largest |h| of a decoder block's output h
+(the residual stream) with their token position and feature dimension, and the median of |h| over all tokens x
+features; results leave the device once, at the end of the run. Sequences are equal-length windows, so there is
+no padding to exclude from the median. `scan(store, lm, params, ...)` is the study: cached, keyed by its
+parameters, the model and the corpus.
 """
 
 from __future__ import annotations
 
 import math
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from babel_lib.core import distributed
+from babel_lib.core.artefacts import ArtefactStore
+from babel_lib.core.batches import adds_bos
 from babel_lib.core.batches import windows as token_windows
-from babel_lib.errors import BabelError
-from babel_lib.core.evaluation import window_loss
 from babel_lib.core.ffn import decoder_layers
 from babel_lib.core.hooks import hooked, site
-from babel_lib.core.models import run_decoder
+from babel_lib.core.models import LoadedModel, run_decoder
+from babel_lib.core.study import StudyParams, param
+from babel_lib.errors import BabelError
 
-KINDS = ("start", "delimiter", "other")
+
+@dataclass(frozen=True)
+class ScanParams(StudyParams):
+    """Notebook 03: which windows the residual stream is scanned on, and what the scan keeps."""
+
+    KIND: ClassVar[str] = "massive-scan"
+    CODE: ClassVar[tuple[str, ...]] = ("babel_lib.massive.scan", "babel_lib.core.batches", "babel_lib.core.hooks")
+
+    seq_len: int = param(128, ge=2)  # tokens per window (scan, attention and perplexity)
+    scan_windows: int = param(2, ge=1)  # calibration windows per language, each starting at a paragraph
+    scan_paragraphs: int = param(80, ge=1)  # calibration paragraphs per language to cut them from
+    batch_size: int = param(8, ge=1)
+    top_k: int = param(128, ge=3)  # entries of largest |h| kept per sequence and layer
+    median_sample: int | None = param(None, ge=1)  # None = exact median; N = median of N sampled entries
 
 
 def paragraph_windows(tokenizer, texts: Sequence[str], seq_len: int, n_windows: int,
@@ -36,6 +52,15 @@ def paragraph_windows(tokenizer, texts: Sequence[str], seq_len: int, n_windows: 
                          "load more paragraphs or ask for fewer windows")
     bounds = [len(texts) * i // n_windows for i in range(n_windows + 1)]
     return torch.cat([token_windows(tokenizer, texts[a:b], seq_len, 1, add_bos) for a, b in zip(bounds, bounds[1:])])
+
+
+def language_windows(tokenizer, texts: Mapping[str, Sequence[str]], seq_len: int, n_windows: int,
+                     add_bos: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """paragraph_windows of every language stacked: (windows [n_lang * n_windows, seq_len], language index [N])."""
+    parts = [paragraph_windows(tokenizer, list(paragraphs), seq_len, n_windows, add_bos)
+             for paragraphs in texts.values()]
+    index = torch.arange(len(parts)).repeat_interleave(torch.tensor([len(p) for p in parts]))
+    return torch.cat(parts), index
 
 
 def sample_index(n: int, d_model: int, size: int | None, device: torch.device | str = "cpu") -> torch.Tensor | None:
@@ -154,9 +179,13 @@ class ResidualScan:
         self._batches.append(tuple(torch.stack(parts, dim=1) for parts in zip(*per_layer)))
         self._layer = {}
 
-    def result(self, ids: torch.Tensor) -> Scan:
-        """Everything scanned so far, moved to the CPU in one go."""
-        values, positions, dims, median = (torch.cat(parts).cpu() for parts in zip(*self._batches))
+    def result(self, ids: torch.Tensor, rows: Sequence[int] | None = None) -> Scan:
+        """Everything scanned so far, moved to the CPU in one go; `rows`: the sequences of `ids` this rank
+        scanned, gathered from every rank (distributed.gather_rows)."""
+        parts = (torch.cat(part) for part in zip(*self._batches))
+        if rows is not None:
+            parts = (distributed.gather_rows(part, rows, ids.shape[0]) for part in parts)
+        values, positions, dims, median = (part.cpu() for part in parts)
         return Scan(values, positions, dims, median, ids.cpu())
 
 
@@ -173,338 +202,102 @@ def scan_residuals(model: nn.Module, windows: torch.Tensor, *, batch_size: int =
                          f"{tuple(windows.shape)}")
     device = next(model.parameters()).device
     scan = ResidualScan(len(decoder_layers(model)), top_k, median_sample)
-    with hooked(model, scan.hooks()):
-        for start in range(0, windows.shape[0], batch_size):
-            run_decoder(model, windows[start : start + batch_size].to(device))
-            scan.end_batch()
-    return scan.result(windows)
+    if math.ceil(windows.shape[0] / batch_size) < distributed.world_size():  # every rank sees this: none waits
+        raise BabelError(f"{windows.shape[0]} windows make fewer batches of {batch_size} than the "
+                         f"{distributed.world_size()} processes; use fewer processes or a smaller batch_size")
+    starts = distributed.shard(range(0, windows.shape[0], batch_size))  # under torchrun: this rank's batches
 
+    def work():
+        with hooked(model, scan.hooks()):
+            for _, start in starts:
+                run_decoder(model, windows[start : start + batch_size].to(device))
+                scan.end_batch()
 
-@torch.no_grad()
-def residual_at(model: nn.Module, ids: torch.Tensor, layer: int) -> torch.Tensor:
-    """The residual stream [B, T, D] after block `layer` for a few short inputs (for the 3-D plot only)."""
-    captured: list[torch.Tensor] = []
-    with hooked(model, {site(layer, "hook_resid_post"): lambda h: captured.append(h.detach().float().cpu())}):
-        run_decoder(model, ids.to(next(model.parameters()).device))
-    return captured[0]
-
-
-def token_kind(text: str, position: int) -> str:
-    """start (position 0), delimiter (a token of only punctuation, or only whitespace with a newline), or other."""
-    if position == 0:
-        return "start"
-    stripped = text.strip()
-    if not stripped and "\n" in text:
-        return "delimiter"
-    if stripped and all(unicodedata.category(ch).startswith("P") for ch in stripped):
-        return "delimiter"
-    return "other"
-
-
-def token_texts(tokenizer, ids: torch.Tensor) -> list[list[str]]:
-    """The decoded text of every token of ids [N, T] (each distinct id decoded once)."""
-    table = {int(i): tokenizer.decode([int(i)]) for i in ids.unique()}
-    return [[table[i] for i in row] for row in ids.tolist()]
-
-
-def token_kinds(tokenizer, ids: torch.Tensor) -> list[list[str]]:
-    """The kind (start, delimiter, other) of every token of ids [N, T]."""
-    return [[token_kind(text, p) for p, text in enumerate(row)] for row in token_texts(tokenizer, ids)]
+    distributed.together(work)
+    rows = [i for _, start in starts for i in range(start, min(start + batch_size, windows.shape[0]))]
+    return scan.result(windows, rows if distributed.active() else None)
 
 
 @dataclass(frozen=True)
-class Entries:
-    """Every massive entry of a scan in long format (1-D tensors of equal length)."""
+class Run:
+    """One scanned setting: a model, with or without a BOS token in front of every window."""
 
-    sequence: torch.Tensor
-    layer: torch.Tensor
-    dim: torch.Tensor
-    position: torch.Tensor
-    value: torch.Tensor
+    model: str
+    bos: bool
 
-
-def massive_entries(scan: Scan, magnitude: float = 100.0, ratio: float = 1000.0) -> Entries:
-    """The massive entries of `scan` by the paper's criterion."""
-    seq, layer, slot = scan.is_massive(magnitude, ratio).nonzero(as_tuple=True)
-    return Entries(seq, layer, scan.dims[seq, layer, slot], scan.positions[seq, layer, slot],
-                   scan.values[seq, layer, slot])
+    @property
+    def label(self) -> str:
+        return f"{self.model} · {'with' if self.bos else 'without'} BOS"
 
 
-@dataclass(frozen=True)
-class Massive:
-    """One massive activation: a (sequence, dimension, token position) flagged at one or more layers."""
-
-    sequence: int
-    dim: int
-    position: int
-    token: str
-    kind: str
-    first_layer: int
-    last_layer: int
-    n_layers: int
-    peak: float  # the signed value where |h| is largest
+def runs(models: Mapping[str, LoadedModel]) -> list[Run]:
+    """Every model without BOS (the paper's setting), and with BOS too where its tokenizer adds one by default."""
+    return [Run(name, bos) for name, lm in models.items()
+            for bos in ([False, True] if adds_bos(lm.tokenizer) else [False])]
 
 
-def locate(scan: Scan, tokenizer, magnitude: float = 100.0, ratio: float = 1000.0) -> list[Massive]:
-    """Every massive activation of `scan`, with its layer range, token text and token kind."""
-    entries = massive_entries(scan, magnitude, ratio)
-    texts = token_texts(tokenizer, scan.ids)
-    groups: dict[tuple[int, int, int], list[tuple[int, float]]] = {}
-    for s, l, d, p, v in zip(*(t.tolist() for t in (entries.sequence, entries.layer, entries.dim,
-                                                       entries.position, entries.value))):
-        groups.setdefault((s, d, p), []).append((l, v))
-    found = []
-    for (s, d, p), hits in sorted(groups.items()):
-        layers = [l for l, _ in hits]
-        found.append(Massive(s, d, p, texts[s][p], token_kind(texts[s][p], p), min(layers), max(layers),
-                             len(layers), max(hits, key=lambda hit: abs(hit[1]))[1]))
-    return found
+def own_tokenisation(lm: LoadedModel) -> Run:
+    """The run a model gets with its tokenizer's own default (with BOS where it adds one)."""
+    return Run(lm.name, adds_bos(lm.tokenizer))
 
 
-def layer_share(scan: Scan, dim: int, magnitude: float = 100.0, ratio: float = 1000.0) -> torch.Tensor:
-    """[L] the share of sequences in which `dim` is massive at each layer."""
-    hit = (scan.is_massive(magnitude, ratio) & (scan.dims == dim)).any(dim=-1)
-    return hit.float().mean(dim=0)
+def model_rows(models: Mapping[str, LoadedModel]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per model (layers, width, BOS use, what is scanned) and a note for each model without default BOS."""
+    rows, notes = [], []
+    for name, lm in models.items():
+        tok, default_bos = lm.tokenizer, adds_bos(lm.tokenizer)
+        rows.append({"model": name, "layers": lm.model.config.num_hidden_layers,
+                     "d_model": lm.model.config.hidden_size, "bos token": tok.bos_token,
+                     "adds BOS by default": default_bos,
+                     "scanned": "with and without BOS" if default_bos else "without BOS only", "weights": lm.card})
+        if not default_bos:
+            notes.append(f"{name}: its tokenizer adds no BOS; its bos_token {tok.bos_token!r} is not put in front of "
+                         "text by default, so it is scanned without BOS only.")
+    return rows, notes
 
 
-def summarise(scan: Scan, found: Sequence[Massive], magnitude: float = 100.0, ratio: float = 1000.0,
-              min_share: float = 0.5) -> list[dict]:
-    """One row per massive dimension: layer range (any, and where in >= min_share of sequences), located
-    activations per token kind, share of sequences, positions per sequence that has it, largest |value|;
-    sorted by share then size."""
-    rows = []
-    for dim in sorted({m.dim for m in found}):
-        mine = [m for m in found if m.dim == dim]
-        core = (layer_share(scan, dim, magnitude, ratio) >= min_share).nonzero().flatten().tolist()
-        rows.append({"dim": dim, "first_layer": min(m.first_layer for m in mine),
-                     "last_layer": max(m.last_layer for m in mine),
-                     "core_first": core[0] if core else None, "core_last": core[-1] if core else None,
-                     **{kind: sum(m.kind == kind for m in mine) for kind in KINDS},
-                     "sequences": len({m.sequence for m in mine}) / scan.n_sequences,
-                     "positions_per_sequence": len(mine) / len({m.sequence for m in mine}),
-                     "max_abs": max(abs(m.peak) for m in mine)})
-    return sorted(rows, key=lambda r: (-r["sequences"], -r["max_abs"]))
+@dataclass
+class ScanResult:
+    """The scan of one run over every language's calibration windows."""
+
+    run: Run
+    params: ScanParams
+    scan: Scan
+    language: torch.Tensor  # [N] index into the languages of each window
+    key: dict[str, Any]  # the artefact's cache key (identifies what later studies build on)
+
+    def peak(self) -> tuple[int, float, float]:
+        """(layer, mean top-1 |h|, mean median |h|) at the layer where the mean top-1 |h| is largest."""
+        top1 = self.scan.magnitudes(1)[..., 0].mean(0)
+        layer = int(top1.argmax())
+        return layer, float(top1[layer]), float(self.scan.median.mean(0)[layer])
+
+    def window_ratios(self, layer: int) -> torch.Tensor:
+        """[N] top-1 |h| / median |h| of each window at `layer` (the spread behind the mean)."""
+        return self.scan.magnitudes(1)[:, layer, 0] / self.scan.median[:, layer]
+
+    def findings(self) -> list[str]:
+        layer, top1, median = self.peak()
+        ratios = self.window_ratios(layer)
+        low, mid, high = torch.quantile(ratios.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.double)).tolist()
+        return [f"{self.run.label}: the largest activation peaks at layer {layer} with |h| = {top1:,.0f} on "
+                f"average, {top1 / median:,.0f}x the median magnitude there ({median:.2f}).",
+                f"{self.run.label}: per window, top-1 / median at layer {layer} has a median of {mid:,.0f}x "
+                f"(5-95% of {len(ratios)} windows: {low:,.0f}x to {high:,.0f}x)."]
 
 
-@dataclass(frozen=True)
-class Target:
-    """A massive dimension to intervene on, over the layers where it is massive in most sequences."""
+def scan(store: ArtefactStore, lm: LoadedModel, params: ScanParams, texts: Mapping[str, Sequence[str]], *,
+         bos: bool, corpus_sha256: str) -> ScanResult:
+    """The study: scan `params.scan_windows` windows per language of `texts` (language -> paragraphs), cached."""
+    key = params.key(model=lm.name, fingerprint=lm.fingerprint, bos=bos, languages=list(texts),
+                     corpus_sha256=corpus_sha256)
 
-    dim: int
-    first_layer: int
-    last_layer: int
+    def compute():
+        ids, lang = language_windows(lm.tokenizer, texts, params.seq_len, params.scan_windows, add_bos=bos)
+        found = scan_residuals(lm.model, ids, batch_size=params.batch_size, top_k=params.top_k,
+                               median_sample=params.median_sample)
+        return found.tensors() | {"language": lang}, {}
 
-    def layers(self, where: str) -> range:
-        return range(self.first_layer, self.first_layer + 1) if where == "first" else \
-            range(self.first_layer, self.last_layer + 1)
-
-
-def targets_from(summary: Sequence[dict]) -> list[Target]:
-    """The dimensions of a summary that are massive in at least min_share of sequences at some layer."""
-    return [Target(r["dim"], r["core_first"], r["core_last"]) for r in summary if r["core_first"] is not None]
-
-
-def target_values(scan: Scan, kinds: Sequence[Sequence[str]], target: Target, layer: int,
-                  magnitude: float = 100.0, ratio: float = 1000.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per token kind: (sequence index, signed value) of the target's massive entries at `layer`."""
-    entries = massive_entries(scan, magnitude, ratio)
-    keep = (entries.dim == target.dim) & (entries.layer == layer)
-    seq, pos, val = entries.sequence[keep], entries.position[keep], entries.value[keep]
-    labels = [kinds[s][p] for s, p in zip(seq.tolist(), pos.tolist())]
-    out = {}
-    for kind in KINDS:
-        mask = torch.tensor([k == kind for k in labels], dtype=torch.bool)
-        if mask.any():
-            out[kind] = (seq[mask], val[mask])
-    return out
-
-
-MODES = ("zero", "mean", "observe")
-WHERE = ("first", "every")
-
-
-class MassiveEdit:
-    """Hooks that pick each target's massive entries at its first layer, per input, and zero them, set them to a
-    mean, or only observe them (accumulating their per-layer sums, for the means).
-
-    Selection: at the target's first layer, the entries of its dimension that meet the paper's criterion in the
-    hidden state that reaches that layer; the same (sequence, position) entries are edited at later layers
-    (where="every"). Means are per layer, target and position class (0 = the start position, 1 = later ones).
-    """
-
-    def __init__(self, targets: Sequence[Target], mode: str, where: str = "first", means: torch.Tensor | None = None,
-                 magnitude: float = 100.0, ratio: float = 1000.0):
-        if mode not in MODES or where not in WHERE:
-            raise BabelError(f"unknown intervention mode={mode!r} where={where!r}; use mode in {MODES}, "
-                             f"where in {WHERE}")
-        if mode == "mean" and means is None:
-            raise BabelError("mode='mean' needs the means; measure them with measure_means(...) first")
-        if not targets:
-            raise BabelError("no massive dimensions to intervene on; scan the model first (targets_from(summary))")
-        self.targets, self.mode, self.magnitude, self.ratio = list(targets), mode, magnitude, ratio
-        self.means = means
-        span = "every" if mode == "observe" else where
-        self.at: dict[int, list[int]] = {}
-        for j, target in enumerate(self.targets):
-            for layer in target.layers(span):
-                self.at.setdefault(layer, []).append(j)
-        self.masks: list[torch.Tensor | None] = [None] * len(self.targets)
-        self.n_layers = max(target.last_layer for target in self.targets) + 1
-        self.sums: torch.Tensor | None = None  # [n_layers, n_targets, 2] (observe mode)
-        self.counts: torch.Tensor | None = None
-
-    def hooks(self) -> dict:
-        return {site(layer, "hook_resid_post"): self._hook(layer) for layer in sorted(self.at)}
-
-    def _select(self, layer: int, h: torch.Tensor) -> None:
-        starting = [j for j in self.at[layer] if self.targets[j].first_layer == layer]
-        if not starting:
-            return
-        median = median_abs(h)
-        for j in starting:
-            size = h[..., self.targets[j].dim].abs()
-            self.masks[j] = (size > self.magnitude) & (size >= self.ratio * median[:, None].to(size.dtype))
-
-    def _hook(self, layer: int):
-        def edit(h: torch.Tensor) -> torch.Tensor | None:
-            self._select(layer, h)
-            position_class = (torch.arange(h.shape[1], device=h.device) > 0).long()
-            if self.mode == "observe":
-                self._accumulate(layer, h, position_class)
-                return None
-            out = h.clone()
-            for j in self.at[layer]:
-                column = out[..., self.targets[j].dim]
-                if self.mode == "zero":
-                    new = torch.zeros_like(column)
-                else:
-                    new = self.means[layer, j].to(h.device, h.dtype)[position_class].expand_as(column)
-                out[..., self.targets[j].dim] = torch.where(self.masks[j], new, column)
-            return out
-        return edit
-
-    def _accumulate(self, layer: int, h: torch.Tensor, position_class: torch.Tensor) -> None:
-        if self.sums is None:
-            shape = (self.n_layers, len(self.targets), 2)
-            self.sums = torch.zeros(shape, dtype=torch.float64, device=h.device)
-            self.counts = torch.zeros(shape, dtype=torch.float64, device=h.device)
-        for j in self.at[layer]:
-            mask = self.masks[j]
-            column = h[..., self.targets[j].dim].double() * mask
-            for c in (0, 1):
-                in_class = position_class == c
-                self.sums[layer, j, c] += column[:, in_class].sum()
-                self.counts[layer, j, c] += mask[:, in_class].sum()
-
-
-@torch.no_grad()
-def measure_means(model: nn.Module, windows: torch.Tensor, targets: Sequence[Target], *, batch_size: int = 8,
-                  magnitude: float = 100.0, ratio: float = 1000.0) -> torch.Tensor:
-    """Mean value [L, n_targets, 2] of each target's selected entries per layer and position class (start, later),
-    on calibration windows; a class never seen takes the target's pooled mean at that layer."""
-    edit = MassiveEdit(targets, "observe", magnitude=magnitude, ratio=ratio)
-    device = next(model.parameters()).device
-    with hooked(model, edit.hooks()):
-        for start in range(0, windows.shape[0], batch_size):
-            run_decoder(model, windows[start : start + batch_size].to(device))
-    pooled = edit.sums.sum(-1, keepdim=True) / edit.counts.sum(-1, keepdim=True)
-    means = torch.where(edit.counts > 0, edit.sums / edit.counts.clamp(min=1), pooled)
-    for j, target in enumerate(targets):
-        if not bool(edit.counts[target.first_layer, j].sum() > 0):
-            raise BabelError(f"dimension {target.dim} is never massive at layer {target.first_layer} in the "
-                             "calibration windows; use more calibration windows or other targets")
-    return means.float().cpu()
-
-
-def perplexity(mean_nll: float) -> float:
-    """exp(mean NLL), inf when it overflows (zeroing massive activations can wreck a model)."""
-    return math.exp(mean_nll) if mean_nll < 700 else math.inf
-
-
-def head_averaged_attention(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities averaged over heads, [B, L, T, T] float32 (needs attn_implementation='eager')."""
-    with torch.no_grad():
-        out = model.base_model(input_ids=ids.to(next(model.parameters()).device), output_attentions=True,
-                               use_cache=False)
-    if not out.attentions or any(a is None for a in out.attentions):
-        raise BabelError("this model returned no attention probabilities; load it with "
-                         "load_model(name, attn_implementation='eager')")
-    return torch.stack([a.float().mean(dim=1) for a in out.attentions], dim=1).cpu()
-
-
-def attention_mass(attention: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[B, L] the attention mass on the marked key positions (positions [B, T] bool), averaged over queries
-    1..T-1 (query 0 can only attend to itself)."""
-    on_marked = (attention * positions[:, None, None, :].to(attention.dtype)).sum(dim=-1)  # [B, L, T]
-    return on_marked[..., 1:].mean(dim=-1)
-
-
-def uniform_mass(positions: torch.Tensor) -> torch.Tensor:
-    """[B] what attention_mass would be if every query attended uniformly to all earlier tokens (the baseline)."""
-    seen = positions.float().cumsum(dim=1)
-    return (seen / torch.arange(1, positions.shape[1] + 1))[:, 1:].mean(dim=1)
-
-
-def language_windows(tokenizer, texts: Mapping[str, Sequence[str]], seq_len: int, n_windows: int,
-                     add_bos: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """paragraph_windows of every language stacked: (windows [n_lang * n_windows, seq_len], language index [N])."""
-    parts = [paragraph_windows(tokenizer, list(paragraphs), seq_len, n_windows, add_bos)
-             for paragraphs in texts.values()]
-    index = torch.arange(len(parts)).repeat_interleave(torch.tensor([len(p) for p in parts]))
-    return torch.cat(parts), index
-
-
-def reference_layer(target: Target) -> int:
-    """The middle of a target's layer range: where its values are compared across inputs and languages."""
-    return (target.first_layer + target.last_layer) // 2
-
-
-def constancy(scan: Scan, kinds: Sequence[Sequence[str]], targets: Sequence[Target], magnitude: float = 100.0,
-              ratio: float = 1000.0) -> list[dict]:
-    """Per target and token kind, at the target's reference layer: how many entries, their mean, std and
-    coefficient of variation (std / |mean|) across sequences."""
-    rows = []
-    for target in targets:
-        layer = reference_layer(target)
-        for kind, (_, values) in target_values(scan, kinds, target, layer, magnitude, ratio).items():
-            std = float(values.std()) if values.numel() > 1 else float("nan")
-            mean = float(values.mean())
-            rows.append({"dim": target.dim, "kind": kind, "layer": layer, "n": values.numel(), "mean": mean,
-                         "std": std, "cv": std / abs(mean)})
-    return rows
-
-
-def group_dims(scan: Scan, groups: torch.Tensor, tokenizer, magnitude: float = 100.0, ratio: float = 1000.0,
-               min_share: float = 0.5) -> list[set[int]]:
-    """The massive dimensions (targets) found in the sequences of each group (e.g. each language) on their own."""
-    out = []
-    for g in range(int(groups.max()) + 1):
-        sub = scan.subset((groups == g).nonzero().flatten())
-        summary = summarise(sub, locate(sub, tokenizer, magnitude, ratio), magnitude, ratio, min_share)
-        out.append({t.dim for t in targets_from(summary)})
-    return out
-
-
-def between_within(values: Sequence[torch.Tensor]) -> dict[str, float]:
-    """Coefficient of variation of the group means (between groups) and the mean within-group CV."""
-    means = torch.stack([v.double().mean() for v in values])
-    within = [float(v.double().std() / v.double().mean().abs()) for v in values if v.numel() > 1]
-    return {"between_cv": float(means.std() / means.mean().abs()) if len(values) > 1 else float("nan"),
-            "within_cv": sum(within) / len(within) if within else float("nan")}
-
-
-CONDITIONS = {"original": None, "zero, first layer": ("zero", "first"), "mean, first layer": ("mean", "first"),
-              "zero, every layer": ("zero", "every"), "mean, every layer": ("mean", "every")}
-
-
-def intervention_nll(model: nn.Module, windows: Mapping[str, torch.Tensor], targets: Sequence[Target],
-                     means: torch.Tensor, *, batch_size: int = 4, magnitude: float = 100.0,
-                     ratio: float = 1000.0) -> dict[str, dict[str, float]]:
-    """Mean next-token NLL per condition (CONDITIONS) and language on fixed-length windows."""
-    out: dict[str, dict[str, float]] = {}
-    for name, condition in CONDITIONS.items():
-        hooks = {} if condition is None else \
-            MassiveEdit(targets, *condition, means=means, magnitude=magnitude, ratio=ratio).hooks()
-        with hooked(model, hooks):
-            out[name] = {lang: window_loss(model, w, batch_size=batch_size).mean for lang, w in windows.items()}
-    return out
+    tensors, _ = store.cached(params.KIND, key, compute)
+    found = Scan(*(tensors[k] for k in ("values", "positions", "dims", "median", "ids")))
+    return ScanResult(Run(lm.name, bos), params, found, tensors["language"], key)

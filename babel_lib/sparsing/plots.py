@@ -4,28 +4,32 @@ activation frequencies, and the activation-ratio scaling of the micro family. Ea
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from babel_lib.sparsing.scaling import PowerLaw
+from babel_lib.sparsing.scaling import FORM_NAME, PowerLaw
+
+if TYPE_CHECKING:
+    from babel_lib.sparsing.studies import LanguageResult, ParetoResult
 
 METHOD_STYLE = {"cett": ("CETT (sweep c)", "#d62728"), "topk": ("top-k", "#1f77b4"), "fat": ("FAT-ε", "#2ca02c"),
                 "relu": ("zero threshold", "#7f7f7f")}
 FORM_COLOUR = {"relu": "#1f77b4", "silu": "#d62728"}
-FORM_NAME = {"relu": "ReLU", "silu": "SiLU"}
 
 
-def pareto_figure(points: Mapping[str, pd.DataFrame], dense: Mapping[str, float],
-                  chosen: Mapping[str, tuple[float, float]], ceiling: float = 1.5) -> go.Figure:
-    """Perplexity against activation ratio per method, one panel per model.
+def pareto_figure(results: Sequence[ParetoResult], ceiling: float = 1.5) -> go.Figure:
+    """Perplexity against activation ratio per method, one panel per model, with each PPL-p% point.
 
-    points[model]: rows (method, activation_ratio, perplexity); dense[model]: dense perplexity;
-    chosen[model]: (activation ratio, perplexity) of the PPL-p% point. The y axis stops at `ceiling` × the
-    dense perplexity (points above it, at high sparsity, leave the plot; hover the HTML to read them).
+    The y axis stops at `ceiling` × the dense perplexity; an annotation in each panel says so and counts the
+    points above it.
     """
+    points = {r.model: r.points for r in results}
+    dense = {r.model: r.dense_perplexity for r in results}
+    chosen = {r.model: (r.activation_ratio, r.perplexity) for r in results}
     models = list(points)
     fig = make_subplots(rows=1, cols=len(models), subplot_titles=models)
     for col, model in enumerate(models, start=1):
@@ -44,15 +48,20 @@ def pareto_figure(points: Mapping[str, pd.DataFrame], dense: Mapping[str, float]
                       row=1, col=col)
         fig.update_xaxes(title_text="activation ratio (1 − sparsity)", range=[0, 1.02], row=1, col=col)
         fig.update_yaxes(range=[0.98 * dense[model], ceiling * dense[model]], row=1, col=col)
+        above = int((points[model]["perplexity"] > ceiling * dense[model]).sum())
+        fig.add_annotation(text=f"y axis cut at {ceiling:g}× dense perplexity: {above} point(s) above, not shown",
+                           xref="x domain" if col == 1 else f"x{col} domain",
+                           yref="y domain" if col == 1 else f"y{col} domain", x=0.02, y=0.98, showarrow=False,
+                           xanchor="left", yanchor="top", font={"size": 11})
     fig.update_yaxes(title_text="perplexity", row=1, col=1)
-    fig.update_layout(title="Perplexity against activation ratio: CETT vs top-k vs FAT-ε")
+    fig.update_layout(title="Perplexity against activation ratio per sparsity method")
     return fig
 
 
-def layer_figure(layer_ratio: Mapping[str, np.ndarray]) -> go.Figure:
+def layer_figure(results: Sequence[ParetoResult]) -> go.Figure:
     """Activation ratio per layer at PPL-p%, one line per model over relative depth."""
     fig = go.Figure()
-    for model, ratio in layer_ratio.items():
+    for model, ratio in ((r.model, r.layer_ratio) for r in results):
         ratio = np.asarray(ratio)
         depth = np.arange(len(ratio)) / max(len(ratio) - 1, 1)
         fig.add_trace(go.Scatter(x=depth, y=ratio, mode="lines+markers", name=model,
@@ -63,11 +72,9 @@ def layer_figure(layer_ratio: Mapping[str, np.ndarray]) -> go.Figure:
     return fig
 
 
-def language_figure(table: pd.DataFrame) -> go.Figure:
-    """Per language: activation ratio (top) and perplexity ratio (bottom) at the pooled PPL-p% c, per model.
-
-    table rows: model, language, activation_ratio, ppl_ratio.
-    """
+def language_figure(results: Sequence[LanguageResult]) -> go.Figure:
+    """Per language: activation ratio (top) and perplexity ratio (bottom) at the pooled PPL-p% c, per model."""
+    table = pd.concat([r.table.assign(model=r.model) for r in results])
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
     for i, (model, group) in enumerate(table.groupby("model", sort=False)):
         colour = _palette(i)
@@ -81,11 +88,9 @@ def language_figure(table: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def frequency_figure(frequencies: Mapping[str, Mapping[str, np.ndarray]], points: int = 200) -> go.Figure:
-    """ECDF of per-neuron activation frequency (all layers pooled), one line per language, one panel per model.
-
-    frequencies[model][language]: activation frequency of every neuron, [n_neurons].
-    """
+def frequency_figure(results: Sequence[LanguageResult], points: int = 200) -> go.Figure:
+    """ECDF of per-neuron activation frequency (all layers pooled), one line per language, one panel per model."""
+    frequencies = {r.model: r.frequencies() for r in results}
     models = list(frequencies)
     fig = make_subplots(rows=1, cols=len(models), subplot_titles=models, shared_yaxes=True)
     levels = np.linspace(0, 1, points)
@@ -96,8 +101,16 @@ def frequency_figure(frequencies: Mapping[str, Mapping[str, np.ndarray]], points
                                      showlegend=col == 1, line={"color": _palette(i)}), row=1, col=col)
         fig.update_xaxes(title_text="neuron activation frequency", range=[0, 1], row=1, col=col)
     fig.update_yaxes(title_text="share of neurons (ECDF)", row=1, col=1)
-    fig.update_layout(title="Neuron activation frequency distributions per language at PPL-p% thresholds")
+    fig.update_layout(title="Neuron activation frequency distributions per language at PPL-p% thresholds",
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0, "title": {"text": "language"}},
+                      margin={"b": 140})  # a row of every language below the panels: no legend cut off
     return fig
+
+
+def non_negative(values: np.ndarray) -> np.ndarray:
+    """A fitted curve with its negative values (no activation ratio is below 0) left out of the line."""
+    values = np.asarray(values, dtype=float)
+    return np.where(values >= 0, values, np.nan)
 
 
 def _palette(i: int) -> str:
@@ -119,14 +132,14 @@ def tokens_figure(table: pd.DataFrame, fits: pd.DataFrame, curves: Mapping[str, 
             colour = _palette(i)
             fig.add_trace(go.Scatter(x=data["tokens"] / unit, y=data["activation_ratio"], mode="markers", name=run,
                                      legendgroup=run, marker={"color": colour}), row=1, col=col)
-            grid = np.geomspace(data["tokens"].min(), data["tokens"].max(), 100)
-            fig.add_trace(go.Scatter(x=grid / unit, y=curves[run](grid), mode="lines", legendgroup=run,
+            grid = np.geomspace(data["tokens"].min(), data["tokens"].max(), 100)  # the fit's own data range only
+            fig.add_trace(go.Scatter(x=grid / unit, y=non_negative(curves[run](grid)), mode="lines", legendgroup=run,
                                      showlegend=False, line={"color": colour, "dash": "solid" if identified else "dot"}),
                           row=1, col=col)
         fig.update_xaxes(title_text=f"training tokens ({unit_name})", type="log", row=1, col=col)
     fig.update_yaxes(title_text="activation ratio at PPL-p%", row=1, col=1)
     fig.update_layout(title="Activation ratio over training with the paper's fitted forms "
-                            "(dotted: the fit identifies no limit A₀)")
+                            "(dotted: the fit identifies no limit A₀; fits drawn over their data, where ≥ 0)")
     return fig
 
 
@@ -160,9 +173,10 @@ def paper_figure(paper: Mapping[tuple[str, str], PowerLaw], tokens: Sequence[flo
     grid = np.asarray(tokens, dtype=float)
     for col, form in enumerate(("relu", "silu"), start=1):
         for i, ((f, scale), law) in enumerate((k, v) for k, v in paper.items() if k[0] == form):
-            fig.add_trace(go.Scatter(x=grid / 1e9, y=law(grid), mode="lines", name=scale, legendgroup=scale,
+            fig.add_trace(go.Scatter(x=grid / 1e9, y=non_negative(law(grid)), mode="lines", name=scale, legendgroup=scale,
                                      showlegend=col == 1, line={"color": _palette(i)}), row=1, col=col)
         fig.update_xaxes(title_text="training tokens (billions)", type="log", row=1, col=col)
     fig.update_yaxes(title_text="activation ratio", row=1, col=1)
-    fig.update_layout(title="Reference: Sparsing Law's fitted curves with the published constants")
+    fig.update_layout(title="Reference: Sparsing Law's fitted curves with the published constants "
+                            "(drawn where the form is ≥ 0)")
     return fig

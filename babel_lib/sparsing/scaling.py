@@ -13,18 +13,34 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import curve_fit
 from scipy.stats import spearmanr
 
+from babel_lib.core.study import StudyParams, param
 from babel_lib.errors import BabelError
 
 FORMS = ("relu", "silu")
 ZOO_COLUMNS = ("run", "activation", "width", "depth", "params", "tokens", "activation_ratio")
 A0_MARGIN = 1e-3  # a fitted A₀ this close to 0 or 1 sits on its bound: no limit was identified
 DIRECTION = {"relu": -1, "silu": 1}  # the sign of each form's slope over tokens
+FORM_NAME = {"relu": "ReLU", "silu": "SiLU"}
+
+
+@dataclass(frozen=True)
+class ScalingParams(StudyParams):
+    """Notebook 04's scaling section: the token unit of the fits, and hub checkpoints (the zoo table's place is
+    the profile's: `babel_lib.sparsing.zoo.paths.table_path`)."""
+
+    KIND: ClassVar[str] = "scaling"
+    CODE: ClassVar[tuple[str, ...]] = ("babel_lib.sparsing.scaling",)
+
+    token_unit: float = param(1e6, gt=0)  # D in the power-law fits is tokens / token_unit
+    token_unit_name: str = "millions"
+    checkpoints: tuple[tuple[str, str, int], ...] = ()  # [[model, revision, tokens seen], ...]
 
 
 def relu_form(d: np.ndarray, alpha: float, b: float, c: float, a0: float) -> np.ndarray:

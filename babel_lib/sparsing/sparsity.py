@@ -40,11 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from babel_lib.errors import BabelError
+from babel_lib.core import distributed
 from babel_lib.core.evaluation import Loss, window_loss
 from babel_lib.core.ffn import FFN, ffn_layers
 from babel_lib.core.hooks import hooked, site
 from babel_lib.core.models import LoadedModel, run_decoder
+from babel_lib.errors import BabelError
 
 METHODS = ("cett", "topk", "fat", "relu")
 
@@ -436,18 +437,32 @@ class SparseEvaluator:
         if method not in METHODS:
             raise BabelError(f"unknown sparsity method {method!r}; use one of {', '.join(METHODS)}")
         meter = SparsityMeter.empty(self.layers, _device(self.model))
-        loss, weighted, counted = Loss(0.0, 0), torch.zeros(len(self.layers), dtype=torch.float64), 0
-        for start in range(0, self.windows.shape[0], self.batch_size):
-            ids = self.windows[start : start + self.batch_size].to(_device(self.model))
-            mask = _count_mask(ids, self.specials)
-            setting = value
-            if method == "cett":
-                setting = cett_thresholds(self.model, ids, float(value), count_mask=mask,
-                                          known=self._known.setdefault(start, {}))
-                n = int(mask.sum())
-                weighted, counted = weighted + setting * n, counted + n
-            with sparsified(self.model, method, setting, count_mask=mask, meter=meter):
-                loss += window_loss(self.model, ids, batch_size=ids.shape[0])
+        starts = list(range(0, self.windows.shape[0], self.batch_size))
+        mine = distributed.shard(starts)  # under torchrun: this rank's batches; sums and rows gathered below
+        rows = torch.zeros(len(mine), 2 + len(self.layers), dtype=torch.float64)  # nll, counted, threshold x n
+
+        def work():
+            for row, (_, start) in enumerate(mine):
+                ids = self.windows[start : start + self.batch_size].to(_device(self.model))
+                mask = _count_mask(ids, self.specials)
+                setting = value
+                if method == "cett":
+                    setting = cett_thresholds(self.model, ids, float(value), count_mask=mask,
+                                              known=self._known.setdefault(start, {}))
+                    n = int(mask.sum())
+                    rows[row, 1], rows[row, 2:] = n, setting * n
+                with sparsified(self.model, method, setting, count_mask=mask, meter=meter):
+                    rows[row, 0] = window_loss(self.model, ids, batch_size=ids.shape[0], distribute=False).nll
+
+        distributed.together(work)
+        rows = distributed.gather_rows(rows, [i for i, _ in mine], len(starts))
+        sums = distributed.all_reduce({f"active{i}": a for i, a in enumerate(meter.active)}
+                                      | {f"tokens{i}": t for i, t in enumerate(meter.tokens)})
+        meter = SparsityMeter([sums[f"active{i}"] for i in range(len(self.layers))],
+                              [sums[f"tokens{i}"] for i in range(len(self.layers))])
+        loss, weighted, counted = Loss(0.0, self.windows[:, 1:].numel()), torch.zeros_like(rows[0, 2:]), 0
+        for row in rows:  # in batch order: the same sums on any number of ranks
+            loss.nll, counted, weighted = loss.nll + float(row[0]), counted + int(row[1]), weighted + row[2:]
         return SparseEval(method, value, loss, meter.activation_ratio, meter.layer_sparsity, meter.neuron_frequency,
                           weighted / max(counted, 1) if method == "cett" else None)
 

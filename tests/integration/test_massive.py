@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from babel_lib.core.batches import windows as token_windows
-from babel_lib.errors import BabelError
 from babel_lib.core.hooks import hooked, site
-from babel_lib.massive.scan import (MassiveEdit, Target, attention_mass, head_averaged_attention, locate, massive_entries,
-                               measure_means, median_abs, paragraph_windows, sample_index, scan_residuals, summarise,
-                               targets_from, token_kind, top_entries, uniform_mass)
+from babel_lib.massive.attention import attention_mass, head_averaged_attention, uniform_mass
+from babel_lib.massive.intervene import MassiveEdit, measure_means
+from babel_lib.massive.locate import Target, locate, massive_entries, summarize, targets_from, token_kind
+from babel_lib.massive.scan import median_abs, paragraph_windows, sample_index, scan_residuals, top_entries
 from babel_lib.core.models import load_model, run_decoder
+from babel_lib.errors import BabelError
 
 from conftest import TEXTS
 
@@ -87,7 +88,7 @@ def test_planted_activation_is_found_exactly(lm):
         [(DIM, 0, "start", LAYER, 2)] * 3
     assert all(m.peak > 5e3 for m in found)
     assert scanned_set(scan, 100, 1000) == brute_massive(residuals(lm.model, ids), 100, 1000)
-    summary = summarise(scan, found)
+    summary = summarize(scan, found)
     assert [(r["dim"], r["first_layer"], r["last_layer"], r["start"], r["sequences"]) for r in summary] == \
         [(DIM, LAYER, 2, 3, 1.0)]
     assert summary[0]["positions_per_sequence"] == 1.0
@@ -271,3 +272,63 @@ def test_paragraph_windows_start_at_paragraphs(lm):
     assert starts == ["Paragraph"] * 3 and ids.shape == (3, 20)
     with pytest.raises(BabelError, match="paragraphs"):
         paragraph_windows(lm.tokenizer, texts[:2], seq_len=20, n_windows=3)
+
+
+def test_study_chain_on_the_planted_model(tmp_path):
+    """scan -> find -> interventions / attention as the notebook calls them: cached, and finding the planted one."""
+    from babel_lib.core.artefacts import ArtefactStore
+    from babel_lib.massive.attention import AttentionParams, attention
+    from babel_lib.massive.intervene import InterventionParams, interventions
+    from babel_lib.massive.locate import CriterionParams, find
+    from babel_lib.massive.scan import ScanParams, scan
+
+    lm = planted("eager")
+    texts = {"en": [f"{t} Paragraph {i}." for i, t in enumerate(TEXTS * 2)],
+             "de": [f"{t} Absatz {i}." for i, t in enumerate(TEXTS * 2)]}
+    store, params = ArtefactStore(tmp_path), ScanParams(seq_len=12, scan_windows=2, scan_paragraphs=4, top_k=8)
+    result = scan(store, lm, params, texts, bos=True, corpus_sha256="abc")
+    again = scan(store, lm, params, texts, bos=True, corpus_sha256="abc")
+    assert torch.equal(result.scan.values, again.scan.values) and result.key == again.key
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 1  # the second call loaded the artefact
+    assert scan(store, lm, params, texts, bos=True, corpus_sha256="other").key != result.key
+    assert result.language.tolist() == [0, 0, 1, 1]
+    located = find(result, lm.tokenizer, CriterionParams())
+    assert located.targets == [Target(DIM, LAYER, 2)]
+    edited = interventions(store, lm, InterventionParams(ppl_windows=1, ppl_paragraphs=4), located, texts)
+    ppl = edited.perplexity
+    assert ppl["mean, every layer"]["en"] == pytest.approx(ppl["original"]["en"], rel=1e-9)
+    assert ppl["zero, every layer"]["en"] != pytest.approx(ppl["original"]["en"], rel=1e-9)
+    attended = attention(lm, AttentionParams(attention_windows=1), located, "Summer is warm.")
+    assert attended.mass.shape == (2, 3) and attended.span == (LAYER, 2) and list(attended.maps) == [1, 2]
+    assert 0 < attended.baseline < 1
+    from babel_lib.massive.bias import implicit_bias
+
+    bias = implicit_bias(lm, AttentionParams(attention_windows=1), located)
+    assert list(bias.layers()) == [2] and bias.massive.shape == (3,) and bias.per_window.shape == (2,)
+    # one marked token (BOS, the same in every window): its part differs across queries only by the heads' weights
+    assert bias.massive[2] > 0.99 and bias.massive[2] > bias.rest[2]
+
+
+def test_attention_parts_add_up_to_the_attention_output():
+    """The implicit-bias split: part from marked keys + rest == o_proj's output, captured by a brute-force hook."""
+    from babel_lib.massive.bias import attention_parts, mean_cosine
+
+    lm = planted("eager")
+    ids = token_windows(lm.tokenizer, [TEXT], seq_len=12, n_windows=2, add_bos=True)
+    marked = torch.zeros(2, 12, dtype=torch.bool)
+    marked[:, 0] = marked[1, 5] = True
+    outputs = {}
+    handles = [block.self_attn.o_proj.register_forward_hook(
+        lambda _m, _a, out, l=l: outputs.__setitem__(l, out.detach())) for l, block in enumerate(lm.model.model.layers)]
+    try:
+        massive, rest = attention_parts(lm.model, ids, marked)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert massive.shape == rest.shape == (2, 3, 12, lm.model.config.hidden_size)
+    for layer, out in outputs.items():
+        assert torch.allclose(massive[:, layer] + rest[:, layer], out.float(), atol=1e-5)
+    nothing = attention_parts(lm.model, ids, torch.zeros(2, 12, dtype=torch.bool))[0]
+    assert torch.all(nothing == 0)
+    assert mean_cosine(torch.tensor([[1.0, 0.0], [2.0, 0.0]])) == pytest.approx(1.0)
+    assert mean_cosine(torch.tensor([[1.0, 0.0], [-1.0, 0.1]])) < 0.2

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from babel_lib.core import models
-from babel_lib.errors import BabelError
 from babel_lib.core.models import EMBEDDED, load_model
+from babel_lib.errors import BabelError
 
 
 @pytest.mark.slow
@@ -84,3 +84,45 @@ def test_unreadable_cache_is_reported_with_the_fix(monkeypatch, tmp_path):
     (folder / "config.json").write_text("{}")
     with pytest.raises(BabelError, match=r"could not be read.*make models"):
         load_model("smollm2-135m")
+
+
+def _save_checkpoints(root, seeds):
+    """Pythia-style checkpoints side by side: root/step{i}/ holds a tiny LLaMA with its tokenizer."""
+    for i, seed in enumerate(seeds, start=1):
+        lm = load_model(f"tiny:llama:{seed}", device="cpu", dtype="float32")
+        lm.model.save_pretrained(root / f"step{i}")
+        lm.tokenizer.save_pretrained(root / f"step{i}")
+
+
+def test_revision_picks_a_local_checkpoint(tmp_path):
+    """Regression: load_model had no `revision`, so notebook 04's checkpoint path raised a TypeError."""
+    _save_checkpoints(tmp_path, [1, 2])
+    one = load_model(str(tmp_path), device="cpu", dtype="float32", revision="step1")
+    two = load_model(str(tmp_path), device="cpu", dtype="float32", revision="step2")
+    assert one.fingerprint != two.fingerprint and "step1" in one.card
+    with pytest.raises(BabelError, match="no checkpoint folder 'step9'"):
+        load_model(str(tmp_path), device="cpu", revision="step9")
+
+
+def test_checkpoint_list_measures_each_revision(tmp_path):
+    """Notebook 04's "your own checkpoints" path, on local tiny checkpoints with revisions."""
+    from babel_lib.sparsing.scaling import measure_checkpoints
+
+    _save_checkpoints(tmp_path, [1, 2])
+    texts = ["The quick brown fox jumps over the lazy dog. " * 8] * 4
+    table = measure_checkpoints([[str(tmp_path), "step1", 1000], [str(tmp_path), "step2", 2000]], texts,
+                                seq_len=32, n_windows=2, p=1.0, tol=0.05, device="cpu", dtype="float32",
+                                batch_size=2)
+    assert list(table["revision"]) == ["step1", "step2"] and list(table["tokens"]) == [1000, 2000]
+    assert table["activation_ratio"].between(0, 1).all()
+
+
+def test_misspelt_alias_fails_before_any_hub_call(monkeypatch):
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_hub)
+    with pytest.raises(BabelError, match=r"unknown model 'gemma-3-27m' \(did you mean 'gemma-3-270m'\?\)"):
+        load_model("gemma-3-27m", device="cpu")

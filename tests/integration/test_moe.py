@@ -89,3 +89,21 @@ def test_converted_embedded_model_reproduces_dense_logits(embedded, alias):
 def test_too_many_experts_is_a_clear_error(tiny):
     with pytest.raises(BabelError, match=r"n_experts=49 is larger than the FFN width 48; choose at most 48"):
         partition_model(tiny("llama"), n_experts=49, method="contiguous")
+
+
+def test_routed_perplexity_at_every_expert_equals_dense_and_top_k_beats_nothing(tiny, tmp_path):
+    from babel_lib.babel.conversion import ConvertParams, convert, routed_perplexity
+    from babel_lib.core.artefacts import ArtefactStore
+
+    lm = tiny("llama")
+    params = ConvertParams(n_experts=8, kmeans_iters=3, baselines=("random",), routed_fractions=(0.5, 1.0),
+                           routed_seq_len=16)
+    conversion = convert(ArtefactStore(tmp_path), {lm.name: lm}, params, languages=["en", "de"])
+    assert conversion.partitions[lm.name].path.exists() and len(conversion.findings()) == 1
+    routed = routed_perplexity({lm.name: lm}, conversion, params, ["en", "de"], paragraphs=8)
+    losses = routed.losses[lm.name]
+    assert set(losses) == {"dense", "top 50%", "top 100%", "random 50%"} and routed.languages == ["en", "de"]
+    assert torch.equal(losses["top 100%"], losses["dense"])  # every expert kept: the dense model exactly
+    assert routed.ratio(lm.name, "top 100%") == (1.0, 0.0)
+    assert not torch.equal(losses["top 50%"], losses["dense"])
+    assert "top 50%" in routed.findings()[0]

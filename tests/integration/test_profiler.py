@@ -17,7 +17,8 @@ from babel_lib.babel.conversion import partition_model
 from babel_lib.errors import BabelError
 from babel_lib.core.ffn import ffn_layers
 from babel_lib.babel.moe import ExpertMap
-from babel_lib.babel.profiler import ExpertProfiler, cached_profile, profile_languages
+from babel_lib.babel.conversion import PartitionParams, partition
+from babel_lib.babel.profiler import ExpertProfiler, ProfileParams, profile, profile_languages
 
 N_EXPERTS = 8
 
@@ -200,12 +201,15 @@ def test_profile_languages_splits_halves_and_sums_them(setup):
         profile_languages(lm, experts, {"a": TEXTS[:1]}, progress=False)
 
 
-def test_frequency_artefact_follows_the_contract(setup, tmp_path):
-    lm, experts = setup
+def test_frequency_artefact_follows_the_contract(tiny, tmp_path):
+    lm = tiny("llama", "float64")
     store = ArtefactStore(tmp_path)
-    partition = {"n_experts": N_EXPERTS, "method": "random", "seed": 3}
+    part = partition(store, lm, PartitionParams(n_experts=N_EXPERTS, method="random", seed=3))
+    assert torch.equal(part.experts.labels, partition_model(lm, N_EXPERTS, "random", seed=3).labels)
+    params = ProfileParams(ratio=0.5)
     texts = {"en": TEXTS[:2], "de": TEXTS[2:]}
-    tensors, meta, path = cached_profile(store, lm, experts, partition, texts, split="calibration", ratio=0.5)
+    result = profile(store, lm, part, params, texts, split="calibration", progress=False)
+    tensors, meta, path = result.tensors, result.meta, result.path
     assert path.exists() and path.suffix == ".safetensors"
     shapes = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
     assert shapes == {"expert_counts": (torch.int64, (2, 3, N_EXPERTS)), "neuron_counts": (torch.int64, (2, 3, 48)),
@@ -214,11 +218,13 @@ def test_frequency_artefact_follows_the_contract(setup, tmp_path):
     for key, value in {"languages": ["en", "de"], "model": lm.name, "card": lm.card, "rule": "topk", "ratio": 0.5,
                        "mode": "sum", "n_experts": N_EXPERTS, "neuron_rule": "a > 0"}.items():
         assert meta[key] == value
-    again, _, same_path = cached_profile(store, lm, experts, partition, texts, split="calibration", ratio=0.5)
-    assert same_path == path and all(torch.equal(again[k], tensors[k]) for k in tensors)
-    _, _, other = cached_profile(store, lm, experts, partition, {"en": TEXTS[:2], "de": TEXTS[1:]},
-                                 split="calibration", ratio=0.5)
-    assert other != path  # other texts, another artefact
+    again = profile(store, lm, part, params, texts, split="calibration", progress=False)
+    assert again.path == path and all(torch.equal(again.tensors[k], tensors[k]) for k in tensors)
+    others = [profile(store, lm, part, params, {"en": TEXTS[:2], "de": TEXTS[1:]}, split="calibration"),
+              profile(store, lm, part, params.replace(batch_tokens=64), texts, split="calibration"),
+              profile(store, lm, partition(store, lm, PartitionParams(n_experts=N_EXPERTS, method="random", seed=4)),
+                      params, texts, split="calibration")]
+    assert len({o.path for o in others} | {path}) == 4  # other texts, setting or partition: another artefact
 
 
 def test_instruction_tuning_path_on_two_tiny_models(tiny):

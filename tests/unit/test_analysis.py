@@ -181,9 +181,9 @@ def test_summary_and_cross_model_findings():
                                  {"family": families}, tau_high=0.5, tau_low=0.2, center=True, n_permutations=2000)
                  for name in ("m1", "m2")}
     s = summaries["m1"]
-    assert s["freq"].shape == (8, 6, 8) and s["ari"] == 1.0 and s["split_half"] == pytest.approx(np.ones(8))
-    assert s["agreement"]["family"]["p_value"] < 0.05 and s["beyond_noise_vs_mean"].shape == (8,)
-    assert s["shared_per_layer"].tolist() == shared_experts(freq, 0.5).sum(-1).tolist()
+    assert s.freq.shape == (8, 6, 8) and s.ari == 1.0 and s.split_half == pytest.approx(np.ones(8))
+    assert s.agreement["family"]["p_value"] < 0.05 and s.beyond_noise_vs_mean.shape == (8,)
+    assert s.shared_per_layer.tolist() == shared_experts(freq, 0.5).sum(-1).tolist()
     table = cross_model_findings(summaries, n_permutations=2000)
     assert list(table.columns) == ["m1", "m2", "holds in all"]
     assert table["holds in all"].all()  # identical models: every finding holds in both
@@ -191,3 +191,44 @@ def test_summary_and_cross_model_findings():
                                 {"family": families[::-1]}, tau_high=0.5, tau_low=0.2, center=True,
                                 n_permutations=2000)
     assert not cross_model_findings(summaries, n_permutations=200)["holds in all"].iloc[0]
+
+
+def _small_summary():
+    """3 languages x 2 layers x 4 experts with hand-chosen frequencies (100 tokens per half)."""
+    freq = np.array([[[0.9, 0.5, 0.0, 0.3], [0.6, 0.005, 0.2, 0.1]],
+                     [[0.8, 0.45, 0.0, 0.1], [0.7, 0.0, 0.1, 0.3]],
+                     [[0.7, 0.1, 0.0, 0.6], [0.5, 0.0, 0.3, 0.2]]])
+    halves = np.stack([freq, freq]) * 100
+    halves[0, :, 0, 3] += 2  # the halves differ a little
+    halves[1, :, 0, 3] -= 2
+    tokens = np.full((2, 3), 100)
+    return summarize(halves.sum(0), tokens.sum(0), halves, tokens, ["en", "de", "ja"],
+                     {"family": ["ie", "ie", "jp"], "script": ["latn", "latn", "jpan"]}, tau_high=0.4, tau_low=0.2,
+                     n_permutations=50, model="m")
+
+
+def test_summary_findings_state_the_counts():
+    s = _small_summary()
+    shared = s.shared_findings()[0]
+    # shared: expert 0 of layer 0 (0.9/0.8/0.7) and of layer 1 (0.6/0.7/0.5): 2 of 8 experts
+    assert shared.startswith("m: 2 of 8 experts (25.0%) are shared by all 3 languages, most in layer 0")
+    # rare (< 1% in every language): layer 0 expert 2 (all 0) and layer 1 expert 1 (0.005/0/0): 2 of 8
+    assert "25.0% are activated on fewer than 1% of the tokens of every language" in s.frequency_findings()[0]
+    assert "the busiest is activated on 90% of a language's tokens" in s.frequency_findings()[0]
+    high = s.high_findings()[0]  # per language 3, 3, 3 high experts (f >= 0.4): en 0.9,0.5,0.6; de 0.8,.45,.7; ja .7,.6,.5
+    assert "on average 1.5 of 4 experts per layer" in high and "ranges from 3 (en) to 3 (en)" in high
+    assert s.family_findings()[0].startswith("m: languages of one family")
+    assert len(s.findings()) == 6
+
+
+def test_verdicts_apply_their_rules():
+    from babel_lib.babel.analysis import verdicts
+
+    s = _small_summary()
+    table = {v.claim: v for v in verdicts({"m": s}, alpha=0.05)}
+    half = table["About half of the experts are highly activated in every language"]
+    assert half.verdict == "partly" and half.ours.startswith("m: 25.0% ± 0.0%")  # 25% is in [25%, 75%], not [40, 60]
+    rare = table["Many experts are rarely activated in any language"]
+    assert rare.verdict == "reproduced" and "25.0%" in rare.ours  # 25% > 1000/8192 = 12.2%
+    tuning = table["Instruction tuning changes the activation patterns"]
+    assert tuning.verdict == "not attempted" and "instruct_pairs" in tuning.rule

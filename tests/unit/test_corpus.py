@@ -1,4 +1,5 @@
-"""The parallel corpus: language metadata, HTML cleaning, alignment, the shipped file's loader, FLORES+ loader."""
+"""The parallel corpus: language metadata, HTML cleaning and element kinds, alignment and quality rules, the split
+by page, the shipped file and its licence files, the loader, FLORES+ loader."""
 
 from __future__ import annotations
 
@@ -6,20 +7,25 @@ import dataclasses
 import hashlib
 import json
 import lzma
+import re
 import shutil
 import subprocess
 import sys
+from difflib import SequenceMatcher
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from babel_lib.data import build as corpus_build, flores
+from babel_lib.data.alignment import align, is_near_copy, split_of
+from babel_lib.data.build import Package, corpus_bytes, write_corpus
 from babel_lib.data.corpus import CORPUS_DIR, CORPUS_FILE, PROVENANCE_FILE, corpus_info, load_corpus
-from babel_lib.data.build import Package, align, corpus_bytes, page_paragraphs, split_of, write_corpus
-from babel_lib.errors import BabelError
 from babel_lib.data.flores import load_flores
+from babel_lib.data.help_pages import KINDS, Paragraph, page_paragraphs
 from babel_lib.data.languages import CORPUS_LANGUAGES, LANGUAGES, language
+from babel_lib.errors import BabelError
 
 # ------------------------------------------------------------------------------------------ language metadata
 
@@ -77,7 +83,7 @@ class="CALC">Calc</span></span> only.</p>
 
 
 def test_page_paragraphs_clean_markup_entities_and_whitespace():
-    assert page_paragraphs(PAGE) == {
+    assert {pid: paragraph.text for pid, paragraph in page_paragraphs(PAGE).items()} == {
         "hd_id1": "Creating a Dialog",
         "par_id2": "Choose Format - Cells and click OK.",
         "par_id3": "Use <instdir> & café – done next line",
@@ -88,8 +94,48 @@ def test_page_paragraphs_clean_markup_entities_and_whitespace():
     }  # par_id7 occurs twice in the page: ambiguous, dropped; the <p> in the script is not markup
 
 
+KINDS_PAGE = """<html><body><div id="DisplayArea">
+<h1 id="h1">Title</h1><h4 id="h4">Sub</h4>
+<p id="p1" class="paragraph">A plain paragraph.</p>
+<div class="embedded"><p id="p2">An embedded paragraph.</p></div>
+<ul><li><p id="l1" class="listitem">In a list.</p></li></ul><p id="l2" class="ol_item">Numbered.</p>
+<table><tr><td><p id="t1" class="tablecontentintable">Cell.</p></td></tr></table>
+<p id="t2" class="paragraphintable">Loose table paragraph.</p>
+<table><tr><td><ul><li><p id="t3" class="listitemintable">List in a table.</p></li></ul></td></tr></table>
+<div class="note"><div class="notetext"><p id="n1">A note.</p></div></div>
+<div class="warning"><div class="notetext"><p id="n2">A warning.</p></div></div>
+<div class="tip"><table><tr><td><p id="n3">A tip in a table.</p></td></tr></table></div>
+<div class="icontable"><div class="iconcell"><p id="i1"><img src="x.svg"></p></div>
+<div class="iconcell"><p id="i2">Opens the dialog.</p></div></div>
+<div class="howtoget"><div class="howtogetbody"><p id="m1">Choose Format - Character.</p>
+<div class="icontable"><div class="iconcell"><p id="i3">Character</p></div></div></div></div>
+<p id="c1" class="code">x = 1</p><div class="bascode"><pre><p id="c2">Sub Main</p></pre></div>
+<div class="note"><h2 id="h2">Syntax:</h2></div>
+</div></body></html>"""
+
+
+def test_page_paragraphs_record_the_element_kind():
+    kinds = {pid: paragraph.kind for pid, paragraph in page_paragraphs(KINDS_PAGE).items()}
+    assert kinds == {
+        "h1": "heading", "h4": "heading", "h2": "heading",  # a heading inside a note is a heading
+        "p1": "paragraph", "p2": "paragraph",
+        "l1": "list_item", "l2": "list_item", "t3": "list_item",  # a list item in a table is a list item
+        "t1": "table_cell", "t2": "table_cell",
+        "n1": "note", "n2": "note", "n3": "note",
+        "i1": "icon_table", "i2": "icon_table", "i3": "icon_table",  # icon tables win over how-to-get boxes
+        "m1": "menu_path",
+        "c1": "code", "c2": "code",
+    }
+    assert set(kinds.values()) == set(KINDS)
+    assert page_paragraphs(KINDS_PAGE)["p1"] == Paragraph("A plain paragraph.", "paragraph")
+
+
 def _texts(**by_language: dict[str, str]) -> dict[str, dict[str, str]]:
     return {code.replace("_", "-"): texts for code, texts in by_language.items()}
+
+
+def _kinds(texts: dict[str, dict[str, str]]) -> dict[str, str]:
+    return {key: "paragraph" for key in texts["en"]}
 
 
 def test_align_drops_untranslated_missing_empty_and_duplicate_paragraphs():
@@ -101,22 +147,83 @@ def test_align_drops_untranslated_missing_empty_and_duplicate_paragraphs():
         zh_CN={"a.html#p1": "打开文件。", "a.html#p2": "保存", "a.html#p4": "42", "b.html#p1": "打开文件。",
                "b.html#p2": "打印", "b.html#p3": "..."},
     )
-    rows = align(texts)
+    rows = align(texts, _kinds(texts))
     # p2 is English in de (untranslated), a.html#p3 is missing in zh-CN, p4 has no letter, b.html#p1 repeats
     # a.html#p1's English text, b.html#p3 has no letter in zh-CN: only a.html#p1 and b.html#p2 remain.
-    expected = [{"segment_id": "a.html#p1", "en": "Open the file.", "de": "Datei öffnen.", "zh-CN": "打开文件。"},
-                {"segment_id": "b.html#p2", "en": "Print", "de": "Drucken", "zh-CN": "打印"}]
+    expected = [{"segment_id": "a.html#p1", "en": "Open the file.", "de": "Datei öffnen.", "zh-CN": "打开文件。",
+                 "en_words": 3},
+                {"segment_id": "b.html#p2", "en": "Print", "de": "Drucken", "zh-CN": "打印", "en_words": 1}]
     expected = sorted(expected, key=lambda row: hashlib.sha256(row["segment_id"].encode()).hexdigest())
-    assert rows == [{**row, "split": split_of(row["segment_id"])} for row in expected]
+    assert rows == [{**row, "split": split_of(row["segment_id"]), "kind": "paragraph"} for row in expected]
 
 
-def test_split_is_a_fixed_hash_of_the_id_with_about_a_fifth_held_out():
-    ids = [f"text/page{i // 7}.html#par_id{i}" for i in range(20000)]
+def test_align_compares_with_english_ignoring_whitespace_and_case():
+    texts = _texts(
+        en={"a#1": "Set (strict WLD).If it is on", "a#2": "Open the file.", "a#3": "Keep me here."},
+        de={"a#1": "Setzen (strict WLD). Wenn", "a#2": "OPEN  the\tFILE.", "a#3": "Behalte mich hier."},
+        fr={"a#1": "Set (strict WLD). If it is on", "a#2": "Ouvrir le fichier.", "a#3": "Garde-moi ici."},
+    )
+    rows = align(texts, _kinds(texts))
+    assert [row["segment_id"] for row in rows] == ["a#3"]  # a#1 is English in fr but for a space, a#2 in de but case
+
+
+def test_near_copy_threshold_is_difflib_ratio_of_normalised_texts():
+    english = "abcdefghijklmnopqrstuvwxyz"  # 26 characters: one changed keeps 25 -> 2*25/52 = 0.96
+    one, two = "abcdefghijklmXopqrstuvwxyz", "abcdefgXijklmnopqrsXuvwxyz"  # two changed: 2*24/52 = 0.923
+    assert SequenceMatcher(None, english, one).ratio() == 50 / 52 and SequenceMatcher(None, english, two).ratio() == 48 / 52
+    assert is_near_copy(english, one) and not is_near_copy(english, two)
+    assert is_near_copy("Abc Def " * 5, "abcdef" * 5) and not is_near_copy("Open the file.", "Datei öffnen.")
+    texts = _texts(en={"p#1": english, "p#2": "Close the window now."},
+                   de={"p#1": one.upper(), "p#2": "Schließe das Fenster."},
+                   fr={"p#1": two, "p#2": "Fermez la fenêtre."})
+    assert [row["segment_id"] for row in align(texts, _kinds(texts))] == ["p#2"]  # one (any language) is enough
+    texts["de"]["p#1"] = "A B" + two  # now 0.923 in fr and lower in de: kept
+    assert sorted(row["segment_id"] for row in align(texts, _kinds(texts))) == ["p#1", "p#2"]
+
+
+def test_align_drops_translations_reused_for_three_different_english_texts():
+    english = {f"err.html#e{i}": f"Error {i}: {what}" for i, what in enumerate(
+        ["Path not found", "Disk full", "Access denied", "File exists", "Bad name"])}
+    vi = {"err.html#e0": "76 Không tìm thấy đường dẫn", "err.html#e1": "76 không tìm thấy  đường dẫn",
+          "err.html#e2": "76 Không tìm thấy đường dẫn", "err.html#e3": "Tệp đã tồn tại", "err.html#e4": "Tên sai"}
+    de = {key: f"Fehler {i}" for i, key in enumerate(english)}
+    ja = {**{key: f"エラー {i}" for i, key in enumerate(english)}, "err.html#e3": "名前", "err.html#e4": "名前"}
+    texts = _texts(en=english, de=de, vi=vi, ja=ja)
+    rows = align(texts, _kinds(texts))
+    # vi uses one text (ignoring whitespace and case) for e0-e2: all three go; ja's "名前" is used for only two
+    # different English texts: kept
+    assert sorted(row["segment_id"] for row in rows) == ["err.html#e3", "err.html#e4"]
+    english["err.html#e2"] = "error 0:  PATH not found"  # the same English text as e0, ignoring whitespace and case
+    rows = align(texts, _kinds(texts))  # two different English texts for the vi text: kept; e2 duplicates e0's English
+    assert sorted(row["segment_id"] for row in rows) == ["err.html#e0", "err.html#e1", "err.html#e3", "err.html#e4"]
+
+
+def test_align_records_kind_and_english_word_count():
+    texts = _texts(en={"a#h": "Creating a Dialog", "a#p": "Choose  Format - Cells and click OK."},
+                   ja={"a#h": "ダイアログの作成", "a#p": "書式 → セル を選択し、OK をクリックします。"})
+    rows = {row["segment_id"]: row for row in align(texts, {"a#h": "heading", "a#p": "paragraph"})}
+    assert (rows["a#h"]["kind"], rows["a#h"]["en_words"]) == ("heading", 3)
+    assert (rows["a#p"]["kind"], rows["a#p"]["en_words"]) == ("paragraph", 7)
+
+
+def _reference_split(segment_id: str) -> str:
+    page = segment_id.split("#")[0]
+    return "heldout" if int(hashlib.sha256(page.encode()).hexdigest()[:16], 16) % 5 == 0 else "calibration"
+
+
+def test_split_is_a_fixed_hash_of_the_page_with_about_a_fifth_held_out():
+    ids = [f"text/page{i // 7}.html#par_id{i}" for i in range(70000)]
     splits = [split_of(pid) for pid in ids]
-    reference = ["heldout" if int(hashlib.sha256(pid.encode()).hexdigest()[:16], 16) % 5 == 0 else "calibration"
-                 for pid in ids]
-    assert splits == reference
+    assert splits == [_reference_split(pid) for pid in ids]
+    by_page = {}
+    for pid, split in zip(ids, splits):
+        by_page.setdefault(pid.split("#")[0], set()).add(split)
+    assert all(len(found) == 1 for found in by_page.values())  # every page wholly in one split
     assert 0.19 < splits.count("heldout") / len(ids) < 0.21
+    texts = _texts(en={"a.html#1": "One", "a.html#2": "Two", "b.html#1": "Three"},
+                   de={"a.html#1": "Eins", "a.html#2": "Zwei", "b.html#1": "Drei"})
+    rows = align(texts, _kinds(texts))
+    assert {row["segment_id"]: row["split"] for row in rows} == {key: _reference_split(key) for key in texts["en"]}
 
 
 def test_corpus_bytes_are_deterministic_json_lines():
@@ -144,6 +251,10 @@ def full():
     return load_corpus()
 
 
+def _normalised(text: str) -> str:
+    return re.sub(r"\s+", "", text).casefold()
+
+
 def test_shipped_corpus_matches_its_provenance(shipped):
     provenance = json.loads((CORPUS_DIR / PROVENANCE_FILE).read_text(encoding="utf-8"))
     data = (CORPUS_DIR / CORPUS_FILE).read_bytes()
@@ -153,32 +264,81 @@ def test_shipped_corpus_matches_its_provenance(shipped):
     assert all(len(p["sha256"]) == 64 and p["version"] for p in provenance["packages"])
     counts = {split: sum(row["split"] == split for row in shipped) for split in ("calibration", "heldout")}
     assert provenance["corpus"]["paragraphs"] == counts
-    assert (CORPUS_DIR / "NOTICE").read_text().count("Mozilla Public") == 1
+    pages = {split: {row["segment_id"].split("#")[0] for row in shipped if row["split"] == split} for split in counts}
+    assert provenance["corpus"]["pages"] == {split: len(found) for split, found in pages.items()}
+    assert provenance["corpus"]["kinds"] == {kind: {split: sum(row["kind"] == kind and row["split"] == split
+                                                              for row in shipped) for split in counts}
+                                             for kind in KINDS}
+    assert provenance["quality"] == {"near_copy_ratio": 0.93, "reused_for": 3, "heldout_every": 5}
+    assert any("near-copies of English" in rule and "0.93" in rule for rule in provenance["rules"])
+    assert any("split by help page" in rule for rule in provenance["rules"])
+
+
+def test_licence_files_name_both_sources_and_ship_both_texts():
+    root = CORPUS_DIR.parents[1]
+    assert "MIT License" in (root / "LICENSE").read_text() and "the babel authors" in (root / "LICENSE").read_text()
+    notice = (CORPUS_DIR / "NOTICE").read_text()
+    assert notice.count("Mozilla Public") == 1 and "Apache License 2.0" in notice
+    assert "helpcontent2" in notice and "translations source" in notice and "LICENSE-Apache-2.0" in notice
+    assert (CORPUS_DIR / "LICENSE-MPL-2.0").read_text().startswith("Mozilla Public License Version 2.0")
+    apache = (CORPUS_DIR / "LICENSE-Apache-2.0").read_text()
+    assert "Apache License" in apache[:200] and "END OF TERMS AND CONDITIONS" in apache
 
 
 def test_shipped_corpus_is_aligned_translated_and_deduplicated(shipped):
     assert len(shipped) >= 7500
     assert len({row["segment_id"] for row in shipped}) == len(shipped)
-    assert len({row["en"] for row in shipped}) == len(shipped)
+    assert len({_normalised(row["en"]) for row in shipped}) == len(shipped)
     for row in shipped:
-        assert row.keys() == {"segment_id", "split", *CORPUS_LANGUAGES}
-        assert row["split"] == split_of(row["segment_id"])
+        assert row.keys() == {"segment_id", "split", "kind", "en_words", *CORPUS_LANGUAGES}
         assert all(row[code].strip() == row[code] and "  " not in row[code] for code in CORPUS_LANGUAGES)
-        assert all(row[code] != row["en"] and any(c.isalpha() for c in row[code]) for code in CORPUS_LANGUAGES[1:])
+        assert all(any(c.isalpha() for c in row[code]) for code in CORPUS_LANGUAGES)
+        assert not any(_normalised(row[code]) == _normalised(row["en"]) for code in CORPUS_LANGUAGES[1:]), row
     assert [row["segment_id"] for row in shipped] == sorted((row["segment_id"] for row in shipped),
                                                     key=lambda pid: hashlib.sha256(pid.encode()).hexdigest())
 
 
+def test_shipped_corpus_has_no_near_copies_of_english(shipped):
+    for row in shipped:
+        english = _normalised(row["en"])
+        for code in CORPUS_LANGUAGES[1:]:
+            matcher = SequenceMatcher(None, english, _normalised(row[code]), autojunk=False)
+            assert matcher.quick_ratio() < 0.93 or matcher.ratio() < 0.93, (row["segment_id"], code)
+
+
+def test_shipped_corpus_has_no_translation_reused_for_three_english_texts(shipped):
+    originals = {}
+    for row in shipped:
+        for code in CORPUS_LANGUAGES[1:]:
+            originals.setdefault((code, _normalised(row[code])), set()).add(_normalised(row["en"]))
+    assert max(len(texts) for texts in originals.values()) <= 2
+
+
+def test_shipped_corpus_splits_by_page_with_about_a_fifth_held_out(shipped):
+    splits = {}
+    for row in shipped:
+        assert row["split"] == _reference_split(row["segment_id"])
+        splits.setdefault(row["segment_id"].split("#")[0], set()).add(row["split"])
+    assert all(len(found) == 1 for found in splits.values())  # no page in both splits
+    assert 0.17 < sum(row["split"] == "heldout" for row in shipped) / len(shipped) < 0.25
+
+
+def test_shipped_corpus_records_kinds_and_english_word_counts(shipped):
+    assert all(row["kind"] in KINDS and row["en_words"] == len(row["en"].split()) >= 1 for row in shipped)
+    found = {row["kind"] for row in shipped}
+    assert {"heading", "paragraph", "list_item", "table_cell", "note", "icon_table"} <= found
+
+
 def test_loader_columns_and_rows_match_the_file(full, shipped):
-    assert full.column_names == ["segment_id", "split", *CORPUS_LANGUAGES]
+    assert full.column_names == ["segment_id", "split", *CORPUS_LANGUAGES, "kind", "en_words"]
     assert full.to_list() == [{name: row[name] for name in full.column_names} for row in shipped]
 
 
 def test_loader_keeps_alignment_for_any_language_subset(full):
     subset = load_corpus(["ja", "en", "id"])
-    assert subset.column_names == ["segment_id", "split", "ja", "en", "id"]
+    assert subset.column_names == ["segment_id", "split", "ja", "en", "id", "kind", "en_words"]
     assert list(subset["segment_id"]) == list(full["segment_id"])
-    for code in ("ja", "en", "id"):
+    for code in ("ja", "en", "id", "kind", "en_words"):
         assert list(subset[code]) == list(full[code])
 
 
@@ -187,7 +347,6 @@ def test_loader_splits_are_disjoint_and_cover_the_corpus(full):
     assert set(calibration["split"]) == {"calibration"} and set(heldout["split"]) == {"heldout"}
     assert not set(calibration["segment_id"]) & set(heldout["segment_id"])
     assert sorted([*calibration["segment_id"], *heldout["segment_id"]]) == sorted(full["segment_id"])
-    assert 0.17 < len(heldout) / len(full) < 0.23
     assert corpus_info()["paragraphs"] == {"calibration": len(calibration), "heldout": len(heldout)}
 
 
@@ -196,7 +355,31 @@ def test_loader_is_deterministic_and_limit_takes_the_first_rows(full):
     limited = load_corpus(split="heldout", limit=7)
     assert limited.to_list() == heldout[:7]
     assert load_corpus(split="heldout", limit=7).to_list() == limited.to_list()
-    assert load_corpus(["en"], limit=0).column_names == ["segment_id", "split", "en"] and len(load_corpus(limit=0)) == 0
+    assert load_corpus(["en"], limit=0).column_names == ["segment_id", "split", "en", "kind", "en_words"]
+    assert len(load_corpus(limit=0)) == 0
+
+
+@pytest.mark.parametrize("kinds,min_words", [(["paragraph"], None), (None, 5), (["note", "list_item"], 12)])
+def test_loader_filters_by_kind_and_word_count_before_the_limit(shipped, kinds, min_words):
+    expected = [row for row in shipped if row["split"] == "calibration" and (kinds is None or row["kind"] in kinds)
+                and (min_words is None or row["en_words"] >= min_words)]
+    assert 0 < len(expected) < len(shipped)
+    dataset = load_corpus(["en", "vi"], split="calibration", kinds=kinds, min_words=min_words)
+    assert dataset.to_list() == [{name: row[name] for name in dataset.column_names} for row in expected]
+    limited = load_corpus(["en"], split="calibration", limit=9, kinds=kinds, min_words=min_words)
+    assert list(limited["segment_id"]) == [row["segment_id"] for row in expected[:9]]
+
+
+def test_default_profile_corpus_filter_leaves_enough_rows():
+    profile = yaml.safe_load((CORPUS_DIR.parents[1] / "configs" / "default.yaml").read_text())
+    kinds, min_words = profile["corpus_kinds"], profile["corpus_min_words"]
+    assert set(kinds) <= set(KINDS) and "heading" not in kinds and isinstance(min_words, int)
+    calibration = load_corpus(["en"], split="calibration", kinds=kinds, min_words=min_words)
+    heldout = load_corpus(["en"], split="heldout", kinds=kinds, min_words=min_words)
+    notebooks = profile["notebooks"]
+    assert len(calibration) >= notebooks["02_profile"]["paragraphs"] >= 80
+    assert len(heldout) >= max(notebooks["03_massive_activations"]["ppl_paragraphs"],
+                               notebooks["04_sparsity_scaling"]["paragraphs"])
 
 
 def test_corpus_info_reports_packages_and_languages(full):
@@ -213,6 +396,10 @@ def test_corpus_info_reports_packages_and_languages(full):
     ({"languages": ["en", "en"]}, "repeat"),
     ({"split": "test"}, "unknown split"),
     ({"limit": -1}, "non-negative"),
+    ({"min_words": -1}, "min_words must be a non-negative"),
+    ({"min_words": 2.5}, "min_words must be a non-negative"),
+    ({"kinds": "paragraph"}, "not the string"),
+    ({"kinds": ["sentence"]}, r"unknown element kinds \['sentence'\].*paragraph"),
 ])
 def test_loader_rejects_bad_arguments(kwargs, message):
     with pytest.raises(BabelError, match=message):
@@ -223,7 +410,8 @@ SMALL_PACKAGES = [Package(code, corpus_build.package_name(code), "1", "0" * 64, 
 
 
 def _small_corpus(directory):
-    rows = align(_texts(en={"a#1": "One", "a#2": "Two"}, de={"a#1": "Eins", "a#2": "Zwei"}))
+    texts = _texts(en={"a#1": "One", "a#2": "Two"}, de={"a#1": "Eins", "a#2": "Zwei"})
+    rows = align(texts, _kinds(texts))
     write_corpus(directory, SMALL_PACKAGES, rows)
     return rows
 
@@ -231,7 +419,8 @@ def _small_corpus(directory):
 def test_loader_reads_another_build_of_the_corpus(tmp_path):
     rows = _small_corpus(tmp_path)
     dataset = load_corpus(directory=tmp_path)
-    assert dataset.column_names == ["segment_id", "split", "en", "de"] and dataset.to_list() == rows
+    assert dataset.column_names == ["segment_id", "split", "en", "de", "kind", "en_words"]
+    assert dataset.to_list() == rows
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete corpus", "delete provenance"])

@@ -8,7 +8,7 @@ from scipy.optimize import linear_sum_assignment
 from babel_lib import BabelError
 from babel_lib.babel.partition import (
     EPS_END,
-    METHODS,
+    PARTITION_METHODS,
     balanced_assignment,
     balanced_kmeans,
     cohesion,
@@ -38,7 +38,7 @@ def test_expert_sizes(n, k, sizes):
     assert expert_sizes(n, k).tolist() == sizes
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PARTITION_METHODS)
 @pytest.mark.parametrize("n, k", [(60, 6), (67, 6), (50, 1), (9, 9)])
 def test_every_method_follows_the_size_convention(method, n, k):
     labels = partition_labels(isotropic(n, 8, seed=n), k, method, iters=5)

@@ -1,0 +1,135 @@
+"""Notebook 04's sentences and verdicts, computed from small synthetic results with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from babel_lib.sparsing import claims
+from babel_lib.sparsing.scaling import PowerLaw, fit_runs
+from babel_lib.sparsing.studies import LanguageResult, ParetoResult
+from babel_lib.sparsing.trends import ScalingResult
+
+
+def pareto_result(topk=(1.30, 1.10), fat=(1.20, 1.05), converged=True, model="m") -> ParetoResult:
+    """Dense perplexity e (loss 1); CETT's PPL-1% point at activation ratio 0.4 with ratio 1.01; each baseline
+    a straight line from (0.3, first) to (0.5, second) in perplexity ratio, so its value at 0.4 is their mean."""
+    rows = [{"method": "cett", "value": 0.5, "activation_ratio": 0.4, "ppl_ratio": 1.01}]
+    for method, (a, b) in (("topk", topk), ("fat", fat)):
+        rows += [{"method": method, "value": 0.1, "activation_ratio": 0.3, "ppl_ratio": a},
+                 {"method": method, "value": 0.2, "activation_ratio": 0.5, "ppl_ratio": b}]
+    points = pd.DataFrame(rows)
+    points["perplexity"] = points["ppl_ratio"] * math.e
+    return ParetoResult(model=model, p=1.0, tol=1e-3, cett=0.5, activation_ratio=0.4, ppl_ratio=1.01,
+                        converged=converged, bisections=12, dense_loss=1.0, tokens=5000, points=points,
+                        layer_ratio=np.array([0.5, 0.2, 0.6]), thresholds=np.zeros(3))
+
+
+def test_pareto_findings_compare_the_baselines_at_cetts_activation_ratio():
+    result = pareto_result()
+    assert result.at_cett_ratio("topk") == pytest.approx(1.20 * math.e)
+    assert result.at_cett_ratio("fat") == pytest.approx(1.125 * math.e)
+    (line,) = result.findings()
+    assert f"CETT keeps the perplexity at {1.01 * math.e:.2f} (dense {math.e:.2f})" in line
+    assert f"topk {1.2 * math.e:.2f} ({1.2 / 1.01:.2f}x)" in line and f"fat {1.125 * math.e:.2f}" in line
+    assert result.layer_findings() == ["m: per-layer activation ratio from 0.200 (layer 1) to 0.600 (layer 2); "
+                                       "model-level 0.400."]
+
+
+def test_a_sweep_that_does_not_reach_cetts_ratio_is_said_so():
+    result = pareto_result()
+    result.points = result.points[~((result.points["method"] == "fat") & (result.points["activation_ratio"] > 0.35))]
+    assert result.at_cett_ratio("fat") is None
+    assert "fat: its sweep does not reach that activation ratio" in result.findings()[0]
+
+
+def test_an_unconverged_bisection_is_a_visible_warning():
+    lines = pareto_result(converged=False).findings()
+    assert lines[0].startswith("WARNING m: the PPL-1% bisection did not converge in 12 steps")
+    assert "1.0100" in lines[0] and "target 1.01 ± 0.001" in lines[0]
+
+
+def test_language_findings_name_the_extreme_languages_and_rare_shares():
+    frequency = np.zeros((2, 2, 50))
+    frequency[0] = 0.5
+    frequency[0, 0, :10] = 0.001  # en: 10 of 100 neurons rare
+    frequency[1] = 0.005  # ja: every neuron rare
+    table = pd.DataFrame({"language": ["en", "ja"], "activation_ratio": [0.3, 0.45], "ppl_ratio": [1.02, 1.004],
+                          "dense_perplexity": [10.0, 20.0]})
+    result = LanguageResult(model="m", cett=0.25, target=1.01, rare=0.01, table=table, frequency=frequency)
+    assert result.rare_shares() == {"en": pytest.approx(0.1), "ja": pytest.approx(1.0)}
+    assert result.findings() == ["m at c = 0.2500: activation ratio from 0.300 (en) to 0.450 (ja); perplexity "
+                                 "ratio from 1.0040 (ja) to 1.0200 (en) against the pooled target 1.01."]
+    assert result.frequency_findings() == ["m: the share of neurons kept on fewer than 1% of tokens ranges from "
+                                           "10.0% (en) to 100.0% (ja)."]
+
+
+# --- the zoo's trends and the verdicts -----------------------------------------------------------------------
+
+SHAPES = {"w16-d2": ("ratio", 16, 2, 6_000), "w32-d2": ("scale;ratio", 32, 2, 25_000), "w48-d1": ("ratio", 48, 1, 27_000),
+          "w48-d3": ("scale", 48, 3, 83_000), "w64-d4": ("scale", 64, 4, 200_000)}
+
+
+def zoo(limits: dict[str, dict[str, float]], directions=None) -> ScalingResult:
+    """A zoo table whose runs follow the paper's forms towards the given limits (per activation, per shape)."""
+    rows = []
+    for form, per_shape in limits.items():
+        for shape, a0 in per_shape.items():
+            axes, width, depth, params = SHAPES[shape]
+            law = (PowerLaw("relu", alpha=0.5, b=-1.0, c=0.8, a0=a0, unit=1e6) if form == "relu"
+                   else PowerLaw("silu", alpha=0.7, c=0.05, a0=a0, unit=1e6))
+            for tokens in np.geomspace(1e6, 30e6, 8):
+                rows.append({"run": f"{form}-{shape}", "activation": form, "width": width, "depth": depth,
+                             "params": params, "axes": axes, "tokens": int(tokens), "epochs": 7.5,
+                             "activation_ratio": float(law(tokens))})
+    table = pd.DataFrame(rows)
+    return ScalingResult("build/x/zoo/zoo.csv", table, fit_runs(table, unit=1e6), 1e6, "millions", None)
+
+
+PAPER_LIKE = {"relu": {"w16-d2": 0.05, "w32-d2": 0.06, "w48-d1": 0.07, "w48-d3": 0.062, "w64-d4": 0.064},
+              "silu": {"w16-d2": 0.36, "w32-d2": 0.38, "w48-d1": 0.40, "w48-d3": 0.385, "w64-d4": 0.39}}
+
+
+def test_a_paper_like_zoo_reproduces_the_scaling_claims():
+    result = zoo(PAPER_LIKE)
+    assert claims.relu_sparser(result).verdict == "reproduced"
+    assert claims.training_trends(result).verdict == "reproduced"
+    assert claims.scale_dependence(result).verdict == "reproduced"
+    rising = claims.width_depth(result)
+    assert rising.verdict == "partly" and "(ρ +1.00)" in rising.ours  # 3 ratios: a rise, no plateau test
+    lines = result.findings()
+    assert lines[0] == "build/x/zoo/zoo.csv: 80 checkpoints of 10 runs"
+    assert "ReLU is sparser than SiLU in 5 of 5 shapes" in lines[3]
+    assert any(line.startswith("SiLU along width/depth (8, 16, 48)") for line in lines)
+
+
+def test_a_zoo_against_the_paper_gets_not_reproduced():
+    flipped = {"relu": {k: v + 0.5 for k, v in PAPER_LIKE["relu"].items()},  # ReLU denser than SiLU
+               "silu": {"w16-d2": 0.40, "w32-d2": 0.36, "w48-d1": 0.30, "w48-d3": 0.2, "w64-d4": 0.1}}
+    result = zoo(flipped)
+    assert claims.relu_sparser(result).verdict == "not reproduced"
+    assert claims.width_depth(result).verdict == "not reproduced"  # SiLU falls with width/depth
+    assert claims.scale_dependence(result).verdict == "partly"  # ReLU flat, SiLU moves by far more than 25 %
+    shifted = {"relu": {k: 3 * v for k, v in PAPER_LIKE["relu"].items()}, "silu": PAPER_LIKE["silu"]}
+    assert claims.relu_sparser(zoo(shifted)).verdict == "partly"  # sparser, but not at the paper's level
+
+
+def test_cett_verdict_follows_the_baselines_and_convergence():
+    assert claims.cett_beats_baselines([pareto_result()]).verdict == "reproduced"
+    assert claims.cett_beats_baselines([pareto_result(converged=False)]).verdict == "partly"
+    worse = pareto_result(topk=(1.0, 0.98), fat=(1.0, 0.99))  # both baselines below CETT at its ratio
+    assert claims.cett_beats_baselines([worse]).verdict == "not reproduced"
+    assert claims.cett_beats_baselines([pareto_result(), worse]).verdict == "partly"
+    unreached = pareto_result()
+    unreached.points = unreached.points[unreached.points["method"] == "cett"]
+    assert claims.cett_beats_baselines([unreached]).verdict == "not attempted"
+
+
+def test_no_zoo_table_means_not_attempted():
+    empty = ScalingResult("data/zoo/zoo.csv", None, pd.DataFrame(), 1e6, "millions", None)
+    verdicts = claims.sparsing_verdicts([pareto_result()], empty)
+    assert [v.verdict for v in verdicts[1:]] == ["not attempted"] * 4
+    assert empty.findings()[0].startswith("No zoo table at data/zoo/zoo.csv")
