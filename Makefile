@@ -13,6 +13,10 @@ BUILD := build/$(RUN)
 NOTEBOOKS := 01_convert 02_profile 03_massive_activations 04_sparsity_scaling 05_prune
 LIB := $(shell find babel_lib -name '*.py') pyproject.toml
 EXECUTED := $(NOTEBOOKS:%=$(BUILD)/%.ipynb)
+PROFILES := $(sort $(basename $(notdir $(wildcard configs/*.yaml))))
+ifeq ($(wildcard configs/$(PROFILE).yaml),)
+$(error unknown profile '$(PROFILE)': profiles are $(PROFILES) (configs/<profile>.yaml))
+endif
 
 .PHONY: setup models data data-check check-profile figures test lab explore zoo clean
 .DELETE_ON_ERROR:
@@ -52,8 +56,8 @@ figures: check-profile $(EXECUTED)
 $(BUILD)/%.ipynb: notebooks/%.py $(LIB) configs/$(PROFILE).yaml | models
 	@mkdir -p $(BUILD)/src
 	$(BIN)/jupytext --quiet --to ipynb -o $(BUILD)/src/$*.ipynb $<
-	$(BIN)/papermill --cwd notebooks -k babel -p profile $(PROFILE) -p model "$(MODEL)" \
-		$(BUILD)/src/$*.ipynb $(BUILD)/$*.tmp.ipynb
+	$(PY) scripts/run_notebook.py $(BUILD)/src/$*.ipynb $(BUILD)/$*.tmp.ipynb \
+		--cwd notebooks -k babel -p profile $(PROFILE) -p model "$(MODEL)"
 	$(BIN)/jupyter nbconvert --log-level WARN --to html $(BUILD)/$*.tmp.ipynb --output $*.html --output-dir $(BUILD)
 	mv $(BUILD)/$*.tmp.ipynb $@
 

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from babel_lib.babel.moe import ExpertMap, routed
-from babel_lib.babel.partition import PARTITION_METHODS, cohesion, partition_labels
+from babel_lib.babel.partition import PARTITION_METHODS, check_n_experts, cohesion, partition_labels
 from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.core.batches import Batch, paragraph_batches, windows
 from babel_lib.core.evaluation import lm_logits, window_loss
@@ -126,6 +126,7 @@ def coactivation_features(lm: LoadedModel, batches: Iterable[Batch]) -> list[tor
 def partition_model(lm: LoadedModel, n_experts: int, method: str = "kmeans", *, seed: int = 0, iters: int = 30,
                     calibration: Iterable[Batch] | None = None) -> ExpertMap:
     """Partition every FFN layer of `lm` into `n_experts` balanced experts (the kernel; `partition` caches it)."""
+    check_n_experts(n_experts)
     layers = ffn_layers(lm.model)
     if method == "coactivation":
         if calibration is None:

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file
-
+from babel_lib.core.artefacts import read_artefact
 from babel_lib.errors import BabelError
 from babel_lib.data.languages import language
 
@@ -166,12 +165,11 @@ def load_frequency_set(model: str, path: str | Path) -> FrequencySet:
     if not (path.exists() and sidecar.exists()):
         raise BabelError(f"frequency artefact {path} (or its .json sidecar) is missing; run notebook 02_profile "
                          f"again (make figures) to rebuild it")
+    tensors, record = read_artefact(path)  # checks the file's sha256 and the sidecar's digest
     try:
-        tensors = load_file(str(path))
-        record = json.loads(sidecar.read_text())
         meta, params = record["meta"], record.get("params", {})
-        counts, tokens = tensors["expert_counts"], tensors["tokens"]
-    except (OSError, ValueError, KeyError) as err:
+        counts, tokens = tensors["expert_counts"].numpy(), tensors["tokens"].numpy()
+    except KeyError as err:
         raise BabelError(f"frequency artefact {path} is unreadable ({err}); delete it and its .json sidecar and "
                          f"run notebook 02_profile again") from None
     languages = tuple(meta.get("languages", ()))

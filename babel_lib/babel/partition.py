@@ -5,6 +5,7 @@ neurons and experts r..k-1 hold q, so a stable argsort of the labels lays the ex
 """
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -209,6 +210,14 @@ def _cluster_sums(x: Tensor, labels: Tensor, k: int) -> Tensor:
     return torch.cat([xs[:split].view(r, q + 1, d).sum(1), xs[split:].view(k - r, q, d).sum(1)])
 
 
+def check_n_experts(k: object) -> None:
+    """Raise BabelError unless k is a whole number >= 1 (a string such as "64" is refused, not converted)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise BabelError(f"n_experts must be an integer, got {k!r} ({type(k).__name__}); pass e.g. n_experts=64")
+    if k < 1:
+        raise BabelError(f"n_experts={k} must be at least 1; choose a positive number of experts")
+
+
 def _check_rows(x: Tensor, k: int, what: str) -> None:
     """Raise BabelError unless x is a finite 2-D float matrix with at least k rows and k >= 1."""
     if x.ndim != 2 or not x.is_floating_point():
@@ -216,8 +225,7 @@ def _check_rows(x: Tensor, k: int, what: str) -> None:
                          f"{x.dtype}; pass one row per neuron")
     if not bool(torch.isfinite(x).all()):
         raise BabelError(f"{what} contains NaN or inf; clean the rows (e.g. torch.nan_to_num) before partitioning")
-    if k < 1:
-        raise BabelError(f"n_experts={k} must be at least 1; choose a positive number of experts")
+    check_n_experts(k)
     if k > x.shape[0]:
         raise BabelError(f"n_experts={k} is larger than the FFN width {x.shape[0]}; choose at most {x.shape[0]}")
 

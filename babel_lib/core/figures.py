@@ -2,22 +2,26 @@
 
 PNGs are rendered by kaleido through the system Chromium; one browser is started on the first PNG and
 reused (about 0.4 s a figure after a ~6 s start). The manifest (<figures>/manifest.json) says which
-notebook and which parameters made each figure.
+notebook and which parameters made each figure. Under `make` (scripts/run_notebook.py) figures are staged and
+published only when their notebook succeeds, so a failed notebook leaves no figure and no manifest entry.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import os
+import shutil
 import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from babel_lib.core.artefacts import atomic_path, write_json
+from babel_lib.core.artefacts import atomic_path, remove_stale_temps, write_json
 from babel_lib.errors import BabelError
 
+STAGING = "BABEL_FIGURE_STAGING"  # environment variable: the folder figures are staged in until publish()
 _SERVER: list[bool] = []  # holds True once the kaleido browser is up (process-wide resource, stopped at exit)
 
 
@@ -55,8 +59,13 @@ def caption(P: Mapping[str, Any], model: str | None = None, **details: Any) -> s
 
 def save_figure(fig, name: str, P: Mapping[str, Any], caption_text: str, *, width: int = 1000,
                 height: int = 600) -> dict[str, str]:
-    """Write `fig` as <figures>/<notebook>/<name>.html and .png with its caption, and record it in the manifest."""
-    folder = Path(P["figures"]) / P["notebook"]
+    """Write `fig` as <figures>/<notebook>/<name>.html and .png with its caption, and record it in the manifest.
+
+    With $BABEL_FIGURE_STAGING set, both go to that folder instead, for publish() once the notebook succeeded.
+    """
+    staging = os.environ.get(STAGING)
+    root = Path(staging) if staging else Path(P["figures"])
+    folder = root / P["notebook"]
     folder.mkdir(parents=True, exist_ok=True)
     title = fig.layout.title.text or name
     fig.update_layout(title={"text": title, "subtitle": {"text": caption_text}},
@@ -66,11 +75,47 @@ def save_figure(fig, name: str, P: Mapping[str, Any], caption_text: str, *, widt
         fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True)  # puts plotly.min.js beside it
     _png(fig, png, width, height)
     entry = {"notebook": P["notebook"], "name": name, "title": title, "caption": caption_text,
-             "html": str(html.relative_to(Path(P["figures"]))), "png": str(png.relative_to(Path(P["figures"]))),
+             "html": str(html.relative_to(root)), "png": str(png.relative_to(root)),
              "params": {k: v for k, v in P.items() if k not in ("figures", "artefacts")},
              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    manifest = Path(P["figures"]) / "manifest.json"
-    entries = json.loads(manifest.read_text()) if manifest.exists() else {}
-    entries[f"{P['notebook']}/{name}"] = entry
-    write_json(manifest, entries)
+    if staging:
+        record = _read_manifest(root / "staged.json", {"figures": str(P["figures"]), "entries": {}})
+        record["entries"][f"{P['notebook']}/{name}"] = entry
+        write_json(root / "staged.json", record)
+    else:
+        _merge_manifest(Path(P["figures"]), {f"{P['notebook']}/{name}": entry})
     return {"html": str(html), "png": str(png)}
+
+
+def _read_manifest(path: Path, empty: dict) -> dict:
+    return json.loads(path.read_text()) if path.exists() else empty
+
+
+def _merge_manifest(figures: Path, entries: Mapping[str, Any], replace: set[str] = frozenset()) -> None:
+    """Add `entries` to <figures>/manifest.json, first dropping every entry of the notebooks in `replace`."""
+    manifest = figures / "manifest.json"
+    kept = {k: v for k, v in _read_manifest(manifest, {}).items() if v.get("notebook") not in replace}
+    write_json(manifest, kept | dict(entries))
+
+
+def publish(staging: str | Path) -> Path | None:
+    """Move the figures a notebook staged into its figures folder, replacing that notebook's earlier figures and
+    manifest entries, and remove the staging folder; return the figures folder (None if nothing was staged)."""
+    staging = Path(staging)
+    staged = staging / "staged.json"
+    if not staged.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        return None
+    record = json.loads(staged.read_text())
+    figures = Path(record["figures"])
+    notebooks = {entry["notebook"] for entry in record["entries"].values()}
+    for notebook in notebooks:
+        target = figures / notebook
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(staging / notebook, target)
+    _merge_manifest(figures, record["entries"], replace=notebooks)
+    shutil.rmtree(staging)
+    remove_stale_temps(figures)  # left by killed interactive runs, which write figures in place
+    return figures

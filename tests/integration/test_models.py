@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from hashlib import sha256
 
 import pytest
 import torch
@@ -60,25 +61,26 @@ def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_pat
         load_model("smollm2-135m")
 
 
-def _fake_cache(tmp_path, alias):
+def _fake_cache(tmp_path, alias, weights: bytes, recorded_size: int):
+    """A cache folder whose marker records `recorded_size` bytes and the sha256 of `weights` for its one file."""
     folder = tmp_path / "models" / alias
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"x" * 100)
-    (folder / "babel-cache.json").write_text(json.dumps({"files": {"model.safetensors": 1000}}))
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "babel-cache.json").write_text(json.dumps({"files": {"model.safetensors": recorded_size},
+                                                         "sha256": {"model.safetensors": sha256(weights).hexdigest()}}))
     return folder
 
 
 def test_truncated_cache_is_reported_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("BABEL_CACHE", str(tmp_path))
-    folder = _fake_cache(tmp_path, "smollm2-135m")
+    folder = _fake_cache(tmp_path, "smollm2-135m", b"x" * 100, 1000)
     with pytest.raises(BabelError, match=rf"{folder}/model.safetensors is missing or truncated.*make models"):
         load_model("smollm2-135m")
 
 
 def test_unreadable_cache_is_reported_with_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("BABEL_CACHE", str(tmp_path))
-    folder = _fake_cache(tmp_path, "smollm2-135m")
-    (folder / "model.safetensors").write_bytes(b"x" * 1000)  # right size, garbage content
+    folder = _fake_cache(tmp_path, "smollm2-135m", b"x" * 1000, 1000)  # right size and hash, garbage content
     (folder / "config.json").write_text("{}")
     with pytest.raises(BabelError, match=r"could not be read.*make models"):
         load_model("smollm2-135m")
