@@ -41,8 +41,10 @@ model = ""  # "" = the profile's models; else a model name or a comma-separated 
 import numpy as np
 import pandas as pd
 
+from babel_lib.babel import profiler
 from babel_lib.babel.analysis import (
     AnalysisParams,
+    analyse,
     compare_variants,
     cross_model_findings,
     dendrogram,
@@ -50,7 +52,6 @@ from babel_lib.babel.analysis import (
     frequencies,
     language_table,
     reorder,
-    analyse,
     variant_findings,
     verdicts,
 )
@@ -68,7 +69,6 @@ from babel_lib.babel.plots import (
     stability,
     variant_comparison,
 )
-from babel_lib.babel import profiler
 from babel_lib.babel.profiler import ProfileParams, calibration_sample, save_index
 from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore
