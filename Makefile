@@ -6,6 +6,8 @@ MODEL ?=
 PYTHON ?= python3
 
 VENV ?= .venv
+# notebooks and tools import this checkout's babel_lib, whatever the environment has installed
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 RUN := $(PROFILE)$(if $(MODEL),-$(subst /,_,$(subst :,_,$(MODEL))))
