@@ -46,16 +46,16 @@ import pandas as pd
 from babel_lib.core import config
 from babel_lib.babel.analysis import (compare_variants, cross_model_findings, dendrogram, expert_ids, frequencies,
                                 reorder, spearman_brown, summarize)
-from babel_lib.core.artefacts import ArtefactStore, write_json
+from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.core.batches import paragraph_batches
 from babel_lib.babel.conversion import partition_model, partition_params
 from babel_lib.data.corpus import load_corpus
-from babel_lib.babel.explorer import Explorer, load_frequencies
+from babel_lib.babel.explorer import PLOTLY_CONFIG, Explorer, load_frequencies, write_frequency_index
 from babel_lib.core.figures import caption, save_figure
 from babel_lib.data.languages import language
 from babel_lib.core.models import load_model
 from babel_lib.babel.plots import (dendrograms, difference_grid, frequency_explorer, frequency_grid,
-                                     high_frequency_layers, model_comparison, shared_specific_layers,
+                                     high_frequency_layers, kernel_free_explorer, model_comparison, shared_specific_layers,
                                      similarity_matrices, stability, variant_comparison)
 from babel_lib.babel.profiler import cached_profile
 
@@ -111,7 +111,7 @@ for name in P.models:
                                                        compile=P.compile, **settings)
     index[name], cards[name] = str(path), lm.card
     del lm, experts
-write_json(Path(P.artefacts) / "frequencies" / f"index-{P.run}.json", index)
+write_frequency_index(P.artefacts, P.run, index)
 pd.DataFrame({name: {"layers": m["expert_counts"].shape[1], "experts per layer": m["expert_counts"].shape[2],
                      "tokens counted": int(m["tokens"].sum()),
                      "tokens per language (min–max)": f"{int(m['tokens'].min())}–{int(m['tokens'].max())}",
@@ -366,13 +366,25 @@ if variants:
 # ## Explore
 #
 # The explorer below reads the frequency artefacts this notebook saved: pick a model, a language (or its
-# difference to the mean of all languages, or to another language), a range of layers, the expert order and
-# the colour scale. The rendered HTML keeps the widget with its state; `make explore` serves the same
-# explorer as a standalone app.
+# difference to the mean of all languages, or to another language), a range of layers, the expert order, the
+# colour scale and whether differences within `noise_z` standard errors are blanked; click a cell for that
+# expert across languages and layers; download the displayed matrix as CSV. Its controls need a kernel
+# (JupyterLab, or `make explore` for a standalone app); the rendered HTML shows the kernel-free heatmap after it.
 #
 # The artefacts (`build/<profile>/artefacts/frequencies/`, listed in `index-<run>.json`) hold the counts per
 # language, layer and expert, the per-neuron counts (a neuron counts as active when a > 0) and the split-half
 # counts; notebook 05 (pruning) reads them too.
 
 # %%
-Explorer(load_frequencies(P.artefacts, P.run))
+Explorer(load_frequencies(P.artefacts, P.run), noise_z=P.noise_z, source=f"run {P.run}")
+
+# %% [markdown]
+# A kernel-free version (works in the rendered HTML, offline): a slider over languages and a dropdown between
+# the frequency and the difference to the all-language mean, cells within `noise_z` standard errors blank.
+
+# %%
+for name, s in summaries.items():
+    f, se = s["freq"], s["se"]
+    diff = np.where(np.abs(f - f.mean(0)) > P.noise_z * se, f - f.mean(0), np.nan)
+    kernel_free_explorer(reorder(f, s["order"]), reorder(diff, s["order"]), P.languages, name,
+                         P.noise_z).show(config=PLOTLY_CONFIG)
