@@ -378,9 +378,10 @@ class Explorer:
                              marker={"symbol": "square-open", "size": 11, "color": "#ff00ff",
                                      "line": {"width": 2}})],
             layout=self._layout(h) | {"height": height, "margin": {"t": 90}})
-        self.figure._config = PLOTLY_CONFIG
         self.detail = go.FigureWidget(self._detail_figure())
-        self.detail._config = PLOTLY_CONFIG
+        for name, figure in (("heatmap", self.figure), ("detail", self.detail)):
+            figure._config = PLOTLY_CONFIG
+            figure.add_class(f"babel-{name}")
         self.url = _url_state_class()(layout={"display": "none"}) if url_state else None
         self.widget = w.VBox([w.HBox([self.model, self.view]), w.HBox([self.language, self.other]),
                               w.HBox([self.layers, self.order]), w.HBox([self.scale, self.noise]),

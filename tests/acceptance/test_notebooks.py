@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,20 +10,6 @@ import pytest
 from babel_lib.core.config import ROOT
 
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
-
-
-def _make(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=3600)
-
-
-@pytest.fixture(scope="module")
-def smoke_run():
-    """A fresh smoke run of the whole chain (earlier smoke outputs are removed first)."""
-    for folder in (ROOT / "build" / "smoke", ROOT / "figures" / "smoke"):
-        shutil.rmtree(folder, ignore_errors=True)
-    first = _make("figures", "PROFILE=smoke")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    return first
 
 
 @pytest.mark.slow
@@ -50,6 +34,6 @@ def test_every_figure_is_in_the_manifest_with_html_and_png(smoke_run):
 
 
 @pytest.mark.slow
-def test_a_second_run_repeats_no_work(smoke_run):
-    again = _make("figures", "PROFILE=smoke")
+def test_a_second_run_repeats_no_work(smoke_run, make):
+    again = make("figures", "PROFILE=smoke")
     assert again.returncode == 0 and "papermill" not in again.stdout
