@@ -27,7 +27,7 @@ from benchmarks.common import machine_name, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-TITLE = "() => { const g = document.querySelector('.babel-heatmap .js-plotly-plot'); " \
+TITLE = "() => { const g = document.querySelector('.babel-heatmap.js-plotly-plot'); " \
         "return g && g._fullLayout && g.data && g.data[0].z ? [g._fullLayout.title.text, g.data[0].y.length] : null; }"
 
 

@@ -370,25 +370,29 @@ class Explorer:
                      "csv", "status"):
             getattr(self, name).add_class(f"babel-{name}")
         self.selected: tuple[int, int] | None = None
-        # built with its first heatmap: a widget's saved state (Voilà, executed notebooks) is its construction
+        self._syncing = False
+        # built with their first contents: a widget's saved state (Voilà, executed notebooks) is its construction,
+        # and a FigureWidget changed before it is displayed leaves its view out of step with the kernel
         h = self._heatmap()
+        cols, rows = self._highlighted(h)
         self.figure = go.FigureWidget(
             data=[go.Heatmap(**self._trace(h)),
-                  go.Scatter(x=[], y=[], mode="markers", hoverinfo="skip", showlegend=False,
+                  go.Scatter(x=cols, y=rows, mode="markers", hoverinfo="skip", showlegend=False,
                              marker={"symbol": "square-open", "size": 11, "color": "#ff00ff",
                                      "line": {"width": 2}})],
             layout=self._layout(h) | {"height": height, "margin": {"t": 90}})
-        self.detail = go.FigureWidget(self._detail_figure())
+        detail = self._detail_figure()
+        self._detail(detail, h)
+        self.detail = go.FigureWidget(detail)
         for name, figure in (("heatmap", self.figure), ("detail", self.detail)):
             figure._config = PLOTLY_CONFIG
             figure.add_class(f"babel-{name}")
         self.url = _url_state_class()(layout={"display": "none"}) if url_state else None
+        self._export(h)
         self.widget = w.VBox([w.HBox([self.model, self.view]), w.HBox([self.language, self.other]),
                               w.HBox([self.layers, self.order]), w.HBox([self.scale, self.noise]),
                               w.HBox([self.highlight, self.csv]), self.status, self.figure, self.detail,
                               *([self.url] if self.url else [])])
-        self._syncing = False
-        self._show(h)
         self.figure.data[0].on_click(self._clicked)
         self.model.observe(self._model_changed, names="value")
         for control in (self.view, self.language, self.other, self.layers, self.order, self.scale, self.noise,
@@ -566,7 +570,7 @@ class Explorer:
         fig.update_layout(height=640, title={"text": "click a cell of the heatmap"}, margin={"t": 80})
         return fig
 
-    def _detail(self, h: Heatmap) -> None:
+    def _detail(self, d: Any, h: Heatmap) -> None:
         """The selected expert across languages (with its split-half standard error) and across layers, and
         its layer as languages × experts in the heatmap's order."""
         fs = self.frequencies
@@ -578,7 +582,6 @@ class Explorer:
         order = np.arange(fs.n_experts) if key is None else np.argsort(-key[layer], kind="stable")
         column = int(np.flatnonzero(order == expert)[0])
         lang = fs.index(self.language.value)
-        d = self.detail
         d.data[0].update(x=labels, y=fs.freq[:, layer, expert].tolist(),
                          error_y={"type": "data", "visible": fs.se is not None,
                                   "array": [] if fs.se is None else fs.se[:, layer, expert].tolist()})
@@ -601,7 +604,11 @@ class Explorer:
         cols, rows = self._highlighted(h)
         self.figure.data[1].update(x=cols, y=rows)
         with self.detail.batch_update():
-            self._detail(h)
+            self._detail(self.detail, h)
+        self._export(h)
+
+    def _export(self, h: Heatmap) -> None:
+        """The CSV link of the displayed matrix and the URL state."""
         name = "_".join(str(v) for v in (self.model.value, self.view.value, self.language.value,
                                          self.other.value if self.view.value == "pair" else "",
                                          f"layers{h.layers[0]}-{h.layers[-1]}") if v)

@@ -22,7 +22,7 @@ from playwright.sync_api import Page
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
-from babel_lib.babel.explorer import Controls, FrequencySet, heatmap, run_frequencies
+from babel_lib.babel.explorer import Controls, FrequencySet, heatmap, language_label, run_frequencies
 from babel_lib.core.config import ROOT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -90,7 +90,7 @@ def app(sets, make, tmp_path_factory):
 
 
 def plot(selector: str) -> str:
-    return f"""() => {{ const g = document.querySelector('{selector} .js-plotly-plot');
+    return f"""() => {{ const g = document.querySelector('{selector}.js-plotly-plot');
         if (!g || !g.data || !g.data.length || !g.data[0].z || !g._fullLayout) return null;
         const t = g.data[0], L = g._fullLayout;
         return {{z: t.z.map(r => Array.from(r)), y: Array.from(t.y), zmin: t.zmin, zmax: t.zmax,
@@ -131,7 +131,9 @@ class AppPage:
         self.page.keyboard.press("Enter")
 
     def select(self, name: str, value: str) -> None:
-        self.page.locator(f".babel-{name} select").select_option(value)
+        """Pick an option by its code (a language's shown label is its name and code)."""
+        label = value if name == "model" else language_label(value)
+        self.page.locator(f".babel-{name} select").select_option(label=label)
 
 
 @pytest.fixture
@@ -229,15 +231,15 @@ def test_click_shows_the_expert_in_the_detail_view_and_highlights_it(app_page, s
     page = app_page.page
     app_page.wait("p => true", LOAD_MS)
     layer, col = 4, 10
-    point = page.evaluate(f"""() => {{ const g = document.querySelector('.babel-heatmap .js-plotly-plot');
+    point = page.evaluate(f"""() => {{ const g = document.querySelector('.babel-heatmap.js-plotly-plot');
         const L = g._fullLayout, r = g.getBoundingClientRect();
         return [r.left + L.xaxis._offset + L.xaxis.l2p({col}), r.top + L.yaxis._offset + L.yaxis.l2p({layer})]; }}""")
     page.mouse.click(*point)
     expert = int(np.argsort(-fs.freq.mean(0)[layer], kind="stable")[col])
-    detail = page.wait_for_function(f"""() => {{ const g = document.querySelector('.babel-detail .js-plotly-plot');
+    detail = page.wait_for_function(f"""() => {{ const g = document.querySelector('.babel-detail.js-plotly-plot');
         return g && g._fullLayout.title.text.includes('layer {layer}, expert {expert}') && g.data; }}""",
                                     timeout=UPDATE_MS)
-    bars = page.evaluate("""() => { const g = document.querySelector('.babel-detail .js-plotly-plot');
+    bars = page.evaluate("""() => { const g = document.querySelector('.babel-detail.js-plotly-plot');
         return {y: Array.from(g.data[0].y), err: Array.from(g.data[0].error_y.array), x: Array.from(g.data[0].x),
                 layers: Array.from(g.data[1].y)}; }""")
     assert detail and bars["x"][0] == "English (en)"
@@ -300,7 +302,7 @@ def test_view_state_round_trips_through_the_url(app, browser, sets):
 def test_no_cloud_share_button(app_page):
     app_page.wait("p => true", LOAD_MS)
     page = app_page.page
-    page.locator(".babel-heatmap .js-plotly-plot").hover()
+    page.locator(".babel-heatmap").hover()
     buttons = page.evaluate("() => [...document.querySelectorAll('.modebar-btn')].map(b => b.dataset.title)")
     assert "Download plot as a png" in buttons or any("png" in (b or "") for b in buttons)
     assert not [b for b in buttons if b and ("Share" in b or "Cloud" in b or "Chart Studio" in b)]
