@@ -89,7 +89,8 @@ explore: setup
 	@echo "explorer: http://localhost:$(EXPLORE_PORT)/ (Ctrl-C stops it)"
 	$(BIN)/voila --no-browser --port=$(EXPLORE_PORT) --Voila.port_retries=0 $(VOILA_OPTIONS) build/$(RUN)/explorer.ipynb
 VOILA_OPTIONS := --preheat_kernel=True --pool_size=1 --MappingKernelManager.cull_idle_timeout=60 \
-	--MappingKernelManager.cull_interval=10 --MappingKernelManager.cull_connected=False
+	--MappingKernelManager.cull_interval=10 --MappingKernelManager.cull_connected=False \
+	--VoilaConfiguration.extension_denylist='["jupyterlab-jupytext", "@voila-dashboards/jupyterlab-preview"]'
 
 ## lab: JupyterLab on the notebooks (jupytext opens the .py files as notebooks)
 lab: setup

@@ -1,7 +1,8 @@
 """The explorer's time to interactive and interaction latency in headless Chromium, against `make explore`.
 
-Time to interactive: from a page request (the server already up, its kernel preheated) until the heatmap is drawn
-and a first control change has come back from the kernel. Latency: from a control change until the heatmap shows
+Time to interactive: from a page request (the server already up, its kernel preheated) until the heatmap is drawn,
+the page is connected to its kernel and a first control change has come back. The first load is with a cold
+browser cache, the others warm. Latency: from a control change until the heatmap shows
 its result. Usage: python benchmarks/explorer.py [--profile smoke] [--loads 5] [--repeats 5]
 (needs `make figures PROFILE=<profile>` first; writes benchmarks/results/explorer-<profile>.md).
 """
@@ -88,15 +89,16 @@ def main() -> None:
                 start = time.perf_counter()
                 page.goto(f"http://localhost:{port}/")
                 page.wait_for_function(TITLE, timeout=60_000)
+                page.wait_for_function("() => location.search.includes('model=')", timeout=60_000)  # connected
                 before = page.evaluate(TITLE)
                 page.locator(".babel-language select").select_option(index=1)
                 changed(page, before)
                 tti.append(time.perf_counter() - start)
                 page.close(run_before_unload=True)
-                time.sleep(2)  # the pool refills
+                time.sleep(20)  # the pool refills: a kernel starts and runs the app
             page = browser.new_page()
             page.goto(f"http://localhost:{port}/")
-            page.wait_for_function(TITLE, timeout=60_000)
+            page.wait_for_function("() => location.search.includes('model=')", timeout=60_000)
             models = page.locator(".babel-model select option").all_inner_texts()
             actions = {
                 "language": lambda i: page.locator(".babel-language select").select_option(index=i % 2),
@@ -116,8 +118,9 @@ def main() -> None:
     lines = [f"# Explorer: time to interactive and interaction latency (profile {args.profile})", "",
              f"Machine: {machine}. Server: `make explore PROFILE={args.profile}` (Voilà, one preheated kernel).", "",
              "| what | runs | median (s) | max (s) |", "| --- | --- | --- | --- |",
-             f"| time to interactive (page request → heatmap drawn and a first change answered) | {len(tti)} | "
-             f"{statistics.median(tti):.2f} | {max(tti):.2f} |"]
+             f"| time to interactive, first load (cold browser cache) | 1 | {tti[0]:.2f} | {tti[0]:.2f} |",
+             f"| time to interactive, later loads (warm cache; page request → heatmap drawn, kernel connected, first change answered) | {len(tti) - 1} | "
+             f"{statistics.median(tti[1:]):.2f} | {max(tti[1:]):.2f} |"]
     lines += [f"| {name} change → heatmap updated | {len(v)} | {statistics.median(v):.3f} | {max(v):.3f} |"
               for name, v in latency.items()]
     write_table(f"explorer-{args.profile}", lines)

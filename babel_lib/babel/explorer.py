@@ -289,13 +289,18 @@ NEEDS_KERNEL = ("<p class='babel-needs-kernel'><b>The explorer's controls need a
                 "kernel-free heatmap below works in this page.</p>")
 URL_STATE_ESM = """
 function render({ model }) {
-  model.set("query", window.location.search.replace(/^\\?/, ""));
-  model.save_changes();
-  model.on("change:state", () => {
+  const query = window.location.search.replace(/^\\?/, "");
+  const write = (state) => {
     const url = new URL(window.location.href);
-    url.search = model.get("state");
+    url.search = state;
     window.history.replaceState(null, "", url);
-  });
+  };
+  // asked until the kernel answers: a message sent before the page's kernel connection is up is lost
+  const ask = () => model.send({ query });
+  const timer = setInterval(ask, 500);
+  model.on("msg:custom", (msg) => { clearInterval(timer); write(msg.state); });
+  model.on("change:state", () => write(model.get("state")));
+  ask();
 }
 export default { render };
 """
@@ -303,14 +308,14 @@ export default { render };
 
 @cache
 def _url_state_class() -> type:
-    """An invisible widget that hands the page's query string to the kernel on load and writes the view's
-    state back into the address bar, so a reload or a shared link restores the view."""
+    """An invisible widget that sends the page's query string to the kernel when it is shown and writes the
+    view's state back into the address bar, so a reload or a shared link restores the view. (A message, not a
+    synced trait: an empty query must reach the kernel too, and its answer shows the page is connected.)"""
     import anywidget
     import traitlets
 
     class UrlState(anywidget.AnyWidget):
         _esm = URL_STATE_ESM
-        query = traitlets.Unicode("").tag(sync=True)
         state = traitlets.Unicode("").tag(sync=True)
 
     return UrlState
@@ -370,7 +375,7 @@ class Explorer:
                      "csv", "status"):
             getattr(self, name).add_class(f"babel-{name}")
         self.selected: tuple[int, int] | None = None
-        self._syncing = False
+        self._syncing = self._query_applied = False
         # built with their first contents: a widget's saved state (Voilà, executed notebooks) is its construction,
         # and a FigureWidget changed before it is displayed leaves its view out of step with the kernel
         h = self._heatmap()
@@ -399,7 +404,7 @@ class Explorer:
                         self.highlight):
             control.observe(self._update, names="value")
         if self.url:
-            self.url.observe(lambda change: self.apply_state(change["new"]), names="query")
+            self.url.on_msg(self._page_query)
 
     @staticmethod
     def _language_options(fs: FrequencySet) -> list[tuple[str, str]]:
@@ -473,6 +478,13 @@ class Explorer:
         self._update()
         if problems:
             self.status.value = f"<span class='babel-warning'>ignored from the link: {html.escape('; '.join(problems))}</span>"
+
+    def _page_query(self, _widget, content: Mapping[str, Any], _buffers) -> None:
+        """The page's query string, sent until answered: applied once, answered with the view's state."""
+        if not self._query_applied:
+            self._query_applied = True
+            self.apply_state(str(content.get("query", "")))
+        self.url.send({"state": self.state()})
 
     def _retarget(self) -> None:
         """Point the language and layer controls at the selected model: languages it also has are kept, the

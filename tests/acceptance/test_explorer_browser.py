@@ -153,6 +153,9 @@ def open_page(browser, app: App, query: str = "") -> AppPage:
     page.on("pageerror", lambda err: errors.append(str(err)[:300]))
     page.on("console", lambda m: m.type == "error" and "shared module" not in m.text and errors.append(m.text[:300]))
     page.goto(app.url + query, timeout=LOAD_MS)
+    # connected: the kernel has answered the page's query with the view's state (controls changed before
+    # that would be lost)
+    page.wait_for_function("() => location.search.includes('model=')", timeout=LOAD_MS)
     return AppPage(page, app, errors)
 
 
@@ -361,6 +364,7 @@ def test_rendered_notebook_shows_every_figure_offline(smoke_run, browser, sets):
     data = free.first.evaluate("g => ({z: g.data[0].z.map(r => Array.from(r)), title: g.layout.title.text})")
     order = np.argsort(-fs.freq.mean(0), axis=1, kind="stable")
     np.testing.assert_allclose(data["z"], np.take_along_axis(fs.freq[0], order, 1), rtol=1e-12)
+    free.first.scroll_into_view_if_needed()
     rail = free.first.locator(".slider-rail-rect").bounding_box()
     page.mouse.click(rail["x"] + rail["width"] - 2, rail["y"] + rail["height"] / 2)  # the last language
     last = fs.languages[-1]
