@@ -29,7 +29,8 @@ from benchmarks.common import machine_name, write_table  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 TITLE = "() => { const g = document.querySelector('.babel-heatmap.js-plotly-plot'); " \
-        "return g && g._fullLayout && g.data && g.data[0].z ? [g._fullLayout.title.text, g.data[0].y.length] : null; }"
+        "return g && g._fullLayout && g.data && g.data[0].z ? [g._fullLayout.title.text, Array.from(g.data[0].y), " \
+        "g._fullLayout.xaxis.title.text, g.data[0].zmin, g.data[0].zmax, Array.from(g.data[0].z[0]).slice(0, 4)] : null; }"
 
 
 def serve(profile: str, port: int) -> subprocess.Popen:
@@ -101,7 +102,7 @@ def main() -> None:
             page.wait_for_function("() => location.search.includes('model=')", timeout=60_000)
             models = page.locator(".babel-model select option").all_inner_texts()
             actions = {
-                "language": lambda i: page.locator(".babel-language select").select_option(index=i % 2),
+                "language": lambda i: page.locator(".babel-language select").select_option(index=(i + 1) % 2),
                 "layer range": lambda i: layers(page, f"{i % 3}-{3 + i % 3}"),
                 "view": lambda i: page.locator(".babel-view button").nth(1 - i % 2).click(),
                 "expert order": lambda i: page.locator(".babel-order select").select_option(index=1 - i % 2),
