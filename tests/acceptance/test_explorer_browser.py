@@ -368,7 +368,7 @@ def test_rendered_notebook_shows_every_figure_offline(smoke_run, browser, sets):
     free = page.locator(".js-plotly-plot", has=page.locator(".slider-container"))
     assert free.count() == len(sets)
     fs = sets["gemma-3-270m"]
-    data = free.first.evaluate("g => ({z: Array.from(g.data[0].z, r => Array.from(r)), title: g.layout.title.text})")
+    data = free.first.evaluate("g => ({z: Array.from(g._fullData[0].z, r => Array.from(r)), title: g.layout.title.text})")
     order = np.argsort(-fs.freq.mean(0), axis=1, kind="stable")
     np.testing.assert_allclose(data["z"], np.take_along_axis(fs.freq[0], order, 1), rtol=1e-12)
     free.first.scroll_into_view_if_needed()
@@ -377,5 +377,5 @@ def test_rendered_notebook_shows_every_figure_offline(smoke_run, browser, sets):
     last = fs.languages[-1]
     free.first.evaluate(f"g => new Promise(r => {{ const t = () => g.layout.title.text.includes('{last}') ? r() "
                         f": setTimeout(t, 50); t(); }})")
-    shown = free.first.evaluate("g => Array.from(g.data[0].z, r => Array.from(r))")
+    shown = free.first.evaluate("g => Array.from(g._fullData[0].z, r => Array.from(r))")
     np.testing.assert_allclose(shown, np.take_along_axis(fs.freq[-1], order, 1), rtol=1e-12)
