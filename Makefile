@@ -55,12 +55,14 @@ check-profile: setup
 figures: check-profile $(EXECUTED)
 	@echo "figures: figures/$(RUN)/ (manifest.json) · notebooks: $(BUILD)/*.html"
 
+# HTML readable offline: apps/nbconvert/babel_offline loads nothing from a CDN
+OFFLINE_HTML := --template babel_offline --TemplateExporter.extra_template_basedirs=apps/nbconvert
 $(BUILD)/%.ipynb: notebooks/%.py $(LIB) configs/$(PROFILE).yaml | models
 	@mkdir -p $(BUILD)/src
 	$(BIN)/jupytext --quiet --to ipynb -o $(BUILD)/src/$*.ipynb $<
 	$(PY) scripts/run_notebook.py $(BUILD)/src/$*.ipynb $(BUILD)/$*.tmp.ipynb \
 		--cwd notebooks -k babel -p profile $(PROFILE) -p model "$(MODEL)"
-	$(BIN)/jupyter nbconvert --log-level WARN --to html $(BUILD)/$*.tmp.ipynb --output $*.html --output-dir $(BUILD)
+	$(BIN)/jupyter nbconvert --log-level WARN --to html $(OFFLINE_HTML) $(BUILD)/$*.tmp.ipynb --output $*.html --output-dir $(BUILD)
 	mv $(BUILD)/$*.tmp.ipynb $@
 
 # what each notebook reads: 02 the partition of 01; 05 the partition and 02's frequencies; 03 and 04 read nothing from the others (04 reads the zoo table)
@@ -85,17 +87,20 @@ $(BUILD)/04_sparsity_scaling.ipynb: $(ZOO_TABLE)
 test: models
 	$(BIN)/pytest -q
 
-## explore: the heatmap explorer as a standalone web app (Voila) over the frequencies of `make figures`
+## explore: the heatmap explorer as a standalone web app (Voila) over the frequencies of `make figures`;
+##          one kernel is kept preheated (a page is live at once), a closed tab's kernel is shut down or culled
 EXPLORE_PORT ?= 8866
 explore: setup
+	@$(PY) -m babel_lib.babel.explorer check $(PROFILE) "$(MODEL)"
 	@mkdir -p build/$(RUN)/src
 	$(BIN)/jupytext --quiet --to ipynb -o build/$(RUN)/src/explorer.ipynb apps/explorer.py
 	$(BIN)/papermill --prepare-only -k babel -p profile $(PROFILE) -p model "$(MODEL)" \
 		build/$(RUN)/src/explorer.ipynb build/$(RUN)/explorer.ipynb
 	@echo "explorer: http://localhost:$(EXPLORE_PORT)/ (Ctrl-C stops it)"
-	$(BIN)/voila --no-browser --port=$(EXPLORE_PORT) --Voila.port_retries=0 \
-		--MappingKernelManager.cull_idle_timeout=3600 --MappingKernelManager.cull_interval=300 \
-		build/$(RUN)/explorer.ipynb
+	$(BIN)/voila --no-browser --port=$(EXPLORE_PORT) --Voila.port_retries=0 $(VOILA_OPTIONS) build/$(RUN)/explorer.ipynb
+VOILA_OPTIONS := --preheat_kernel=True --pool_size=1 --MappingKernelManager.cull_idle_timeout=60 \
+	--MappingKernelManager.cull_interval=10 --MappingKernelManager.cull_connected=False \
+	--VoilaConfiguration.extension_denylist='["jupyterlab-jupytext", "@voila-dashboards/jupyterlab-preview"]'
 
 ## lab: JupyterLab on the notebooks (jupytext opens the .py files as notebooks)
 lab: setup

@@ -56,13 +56,14 @@ from babel_lib.babel.analysis import (
     verdicts,
 )
 from babel_lib.babel.conversion import run_partition
-from babel_lib.babel.explorer import Explorer, load_frequencies
+from babel_lib.babel.explorer import PLOTLY_CONFIG, Explorer, load_frequencies
 from babel_lib.babel.plots import (
     dendrograms,
     difference_grid,
     frequency_explorer,
     frequency_grid,
     high_frequency_layers,
+    kernel_free_explorer,
     model_comparison,
     shared_specific_layers,
     similarity_matrices,
@@ -321,13 +322,24 @@ verdict_table(results)
 # ## Explore
 #
 # The explorer below reads the frequency artefacts this notebook saved: pick a model, a language (or its
-# difference to the mean of all languages, or to another language), a range of layers, the expert order and
-# the colour scale. The rendered HTML keeps the widget with its state; `make explore` serves the same
-# explorer as a standalone app.
+# difference to the mean of all languages, or to another language), a range of layers, the expert order, the
+# colour scale and whether differences within `noise_z` standard errors are blanked; click a cell for that
+# expert across languages and layers; download the displayed matrix as CSV. Its controls need a kernel
+# (JupyterLab, or `make explore` for a standalone app); the rendered HTML shows the kernel-free heatmap after it.
 #
 # The artefacts (`build/<profile>/artefacts/frequencies/`, listed in `index-<run>.json`) hold the counts per
 # language, layer and expert, the per-neuron counts (a neuron counts as active when a > 0) and the split-half
 # counts; notebook 05 (pruning) reads them too.
 
 # %%
-Explorer(load_frequencies(P.artefacts, P.run))
+Explorer(load_frequencies(P.artefacts, P.run), noise_z=P.noise_z, source=f"run {P.run}")
+
+# %% [markdown]
+# A kernel-free version (works in the rendered HTML, offline): a slider over languages and a dropdown between
+# the frequency and the difference to the all-language mean, cells within `noise_z` standard errors blank.
+
+# %%
+for name, s in summaries.items():
+    diff = np.where(np.abs(s.freq - s.freq.mean(0)) > P.noise_z * s.se, s.freq - s.freq.mean(0), np.nan)
+    kernel_free_explorer(reorder(s.freq, s.order), reorder(diff, s.order), P.languages, name,
+                         P.noise_z).show(config=PLOTLY_CONFIG)

@@ -281,3 +281,31 @@ def routed_figure(routed) -> go.Figure:
     fig.update_yaxes(type="log", title_text="perplexity / dense perplexity", row=1, col=1)
     fig.update_layout(title="Routed-model perplexity vs share of active experts")
     return fig
+
+
+def kernel_free_explorer(freq: np.ndarray, diff: np.ndarray, languages: Sequence[str], model: str,
+                         noise_z: float) -> go.Figure:
+    """A heatmap explorer that needs no kernel: a slider over languages and a dropdown between the frequency
+    and the difference to the all-language mean (cells within noise_z s.e. blank, NaN in `diff`). freq and
+    diff are [n, L, E], experts already in one order; layer 0 on top."""
+    labels = list(languages)
+    limit = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 1.0
+    fig = go.Figure([
+        go.Heatmap(z=freq[0], zmin=0, zmax=1, colorscale=FREQ_SCALE, name="frequency",
+                   colorbar={"title": {"text": "activation frequency (share of tokens)"}},
+                   hovertemplate="layer %{y}, rank %{x}: %{z:.4f}<extra>frequency</extra>"),
+        go.Heatmap(z=diff[0], zmin=-limit, zmax=limit, colorscale=DIFF_SCALE, visible=False, name="difference",
+                   colorbar={"title": {"text": "Δ activation frequency"}},
+                   hovertemplate="layer %{y}, rank %{x}: %{z:+.4f}<extra>language − mean</extra>")])
+    steps = [{"label": lang, "method": "update",
+              "args": [{"z": [freq[i], diff[i]]}, {"title.text": f"{model} · {lang}"}]}
+             for i, lang in enumerate(labels)]
+    views = [{"label": "frequency", "method": "restyle", "args": [{"visible": [True, False]}]},
+             {"label": f"language − mean (blank within {noise_z:g} s.e.)", "method": "restyle",
+              "args": [{"visible": [False, True]}]}]
+    fig.update_layout(title=f"{model} · {labels[0]}", plot_bgcolor="#eeeeee", height=620,
+                      sliders=[{"steps": steps, "currentvalue": {"prefix": "language: "}, "pad": {"t": 50}}],
+                      updatemenus=[{"buttons": views, "x": 1.0, "xanchor": "right", "y": 1.14, "yanchor": "top"}])
+    fig.update_yaxes(autorange="reversed", title_text="layer")
+    fig.update_xaxes(title_text="expert rank in its layer (by mean frequency over languages)")
+    return fig

@@ -18,20 +18,6 @@ from babel_lib.core.config import ROOT
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
 
 
-def _make(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=3600)
-
-
-@pytest.fixture(scope="module")
-def smoke_run():
-    """A fresh smoke run of the whole chain (earlier smoke outputs are removed first)."""
-    for folder in (ROOT / "build" / "smoke", ROOT / "figures" / "smoke"):
-        shutil.rmtree(folder, ignore_errors=True)
-    first = _make("figures", "PROFILE=smoke")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    return first
-
-
 @pytest.mark.slow
 def test_every_notebook_executes_and_renders(smoke_run):
     build = ROOT / "build" / "smoke"
@@ -54,8 +40,8 @@ def test_every_figure_is_in_the_manifest_with_html_and_png(smoke_run):
 
 
 @pytest.mark.slow
-def test_a_second_run_repeats_no_work(smoke_run):
-    again = _make("figures", "PROFILE=smoke")
+def test_a_second_run_repeats_no_work(smoke_run, make):
+    again = make("figures", "PROFILE=smoke")
     assert again.returncode == 0 and "run_notebook" not in again.stdout
 
 
@@ -74,7 +60,7 @@ def outputs() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_same_results(smoke_run):
+def test_a_killed_run_resumes_to_the_same_results(smoke_run, make):
     """SIGKILL the whole `make` process group while notebook 02 runs (by the PID its runner writes), run `make`
     again: the artefacts, figures and manifest equal the clean run's, and no temporary file is left."""
     build = ROOT / "build" / "smoke"
@@ -92,7 +78,7 @@ def test_a_killed_run_resumes_to_the_same_results(smoke_run):
     run.wait()
     assert not (build / "02_profile.ipynb").exists()
     time.sleep(3)  # the orphaned kernel notices its parent is gone and exits
-    resumed = _make("figures", "PROFILE=smoke")
+    resumed = make("figures", "PROFILE=smoke")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert outputs() == clean
     assert not list(build.rglob(".*.tmp")) and not any((build / "staging").iterdir())

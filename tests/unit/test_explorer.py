@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +16,10 @@ import torch
 from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.errors import BabelError
-from babel_lib.babel.explorer import Controls, Explorer, FrequencySet, explorer_app, heatmap, load_frequencies
+from babel_lib.babel.analysis import standard_error
+from babel_lib.babel.explorer import (Controls, Explorer, FrequencySet, build_command, explorer_app, heatmap,
+                                      load_frequencies, load_frequency_set, main, run_frequencies, to_csv,
+                                      write_frequency_index)
 
 LANGS = ("en", "de", "ja")
 
@@ -58,7 +66,12 @@ def test_heatmap_matches_numpy_by_hand(view, order):
 def test_heatmap_colour_scales():
     fs = frequency_set()
     assert heatmap(fs, Controls("en")).zrange == (0.0, 1.0)
-    assert heatmap(fs, Controls("en", view="vs_mean")).zrange == (-1.0, 1.0)
+    # fixed difference scales: the largest |difference| any language (pair) reaches, not a near-white ±1
+    vs_mean = max(abs(fs.freq[i, l, e] - fs.freq[:, l, e].mean()) for i in range(3) for l in range(5) for e in range(7))
+    assert heatmap(fs, Controls("en", view="vs_mean")).zrange == pytest.approx((-vs_mean, vs_mean), abs=1e-15)
+    pair = max(abs(fs.freq[i, l, e] - fs.freq[j, l, e]) for i in range(3) for j in range(3) for l in range(5)
+               for e in range(7))
+    assert heatmap(fs, Controls("de", view="pair", other="ja", layers=(1, 1))).zrange == pytest.approx((-pair, pair))
     auto = heatmap(fs, Controls("en", scale="auto", layers=(2, 2)))
     assert auto.zrange == (fs.freq[0, 2].min(), fs.freq[0, 2].max())
     diff = heatmap(fs, Controls("en", view="pair", other="de", scale="auto"))
@@ -138,7 +151,8 @@ def test_explorer_callbacks_update_the_figure():
     assert not e.other.disabled
     e.other.value = "en"
     np.testing.assert_allclose(shown(e)[0], sets["m"].freq[2, 1:3] - sets["m"].freq[0, 1:3])
-    assert (e.figure.data[0].zmin, e.figure.data[0].zmax) == (-1.0, 1.0)
+    pair = np.abs(sets["m"].freq.max(0) - sets["m"].freq.min(0)).max()
+    assert (e.figure.data[0].zmin, e.figure.data[0].zmax) == pytest.approx((-pair, pair))
     assert e.figure.data[0].colorscale != sequential
     e.scale.value = "auto"
     bound = np.abs(sets["m"].freq[2, 1:3] - sets["m"].freq[0, 1:3]).max()
@@ -160,4 +174,147 @@ def test_explorer_app_says_what_to_run_without_artefacts(tmp_path, monkeypatch):
     (tmp_path / "configs" / "empty.yaml").write_text("models: [tiny:llama]\nlanguages: [en]\nnotebooks:\n  02_profile: {}\n")
     monkeypatch.setattr(config, "ROOT", tmp_path)
     shown_widget = explorer_app("empty")
-    assert "make figures" in shown_widget.value and "index-empty.json" in shown_widget.value
+    assert "make figures PROFILE=empty" in shown_widget.value and "index-empty.json" in shown_widget.value
+
+
+def with_se(fs: FrequencySet, seed: int = 3) -> FrequencySet:
+    return replace(fs, se=np.random.default_rng(seed).random(fs.freq.shape) * 0.05)
+
+
+@pytest.mark.parametrize("view", ["vs_mean", "pair"])
+def test_noise_floor_blanks_cells_within_z_standard_errors(view):
+    fs = with_se(frequency_set())
+    h = heatmap(fs, Controls("de", view=view, other="en", order="index", noise=True, noise_z=2.0))
+    for l in range(fs.n_layers):
+        for e in range(fs.n_experts):
+            if view == "vs_mean":
+                d, se = fs.freq[1, l, e] - fs.freq[:, l, e].mean(), fs.se[1, l, e]
+            else:
+                d, se = fs.freq[1, l, e] - fs.freq[0, l, e], math.sqrt(fs.se[1, l, e] ** 2 + fs.se[0, l, e] ** 2)
+            if abs(d) > 2.0 * se:
+                assert h.z[l, e] == pytest.approx(d, abs=1e-15)
+            else:
+                assert math.isnan(h.z[l, e])
+    assert 0 < np.isnan(h.z).sum() < h.z.size and "within 2 s.e." in h.subtitle
+    with pytest.raises(BabelError, match="split-half"):
+        heatmap(frequency_set(), Controls("de", view=view, other="en", noise=True))
+
+
+def test_csv_holds_the_displayed_cells_and_the_settings():
+    fs = with_se(frequency_set())
+    h = heatmap(fs, Controls("ja", view="pair", other="en", layers=(2, 3), noise=True))
+    text = to_csv(h, {"model": "m", "view": "pair"})
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert "# model: m" in header and "# view: pair" in header and any("Japanese (ja)" in x for x in header)
+    rows = list(csv.DictReader(line for line in text.splitlines() if not line.startswith("#")))
+    assert len(rows) == 2 * fs.n_experts
+    for row in rows:
+        layer, expert = int(row["layer"]), int(row["expert"])
+        d = fs.freq[2, layer, expert] - fs.freq[0, layer, expert]
+        blank = abs(d) <= 3 * math.hypot(fs.se[2, layer, expert], fs.se[0, layer, expert])
+        assert row["value"] == "" if blank else float(row["value"]) == d
+
+
+def test_index_paths_are_relative_to_the_index(tmp_path):
+    tokens = np.array([10, 20, 30])
+    path = write_artefact(tmp_path / "a", "a", np.ones((3, 2, 4), dtype=np.int64), tokens)
+    index = write_frequency_index(tmp_path / "a", "r", {"a": path})
+    assert json.loads(index.read_text()) == {"a": Path(path).name}
+    shutil.move(tmp_path / "a", tmp_path / "moved")  # the build folder moves: the index still works
+    fs = load_frequencies(tmp_path / "moved", "r")["a"]
+    np.testing.assert_allclose(fs.freq[2], np.ones((2, 4)) / 30)
+
+
+def test_standard_errors_come_from_the_split_halves(tmp_path):
+    rng = np.random.default_rng(5)
+    halves, tokens_halves = rng.integers(1, 50, (2, 3, 2, 4)), rng.integers(60, 90, (2, 3))
+    store = ArtefactStore(tmp_path)
+    tensors = {"expert_counts": torch.from_numpy(halves.sum(0)), "tokens": torch.from_numpy(tokens_halves.sum(0)),
+               "expert_counts_halves": torch.from_numpy(halves), "tokens_halves": torch.from_numpy(tokens_halves)}
+    meta = {"languages": list(LANGS), "model": "a", "paragraphs": 6, "split": "calibration"}
+    path = store.save("frequencies", {"model": "a"}, tensors, meta)
+    fs = load_frequency_set("a", path)
+    np.testing.assert_allclose(fs.se, standard_error(halves, tokens_halves)[0], rtol=1e-12)
+    assert fs.corpus == "6 calibration paragraphs per language"
+
+
+def test_explorer_resets_zoom_and_puts_layer_0_on_top():
+    e = Explorer({"m": frequency_set()})
+    e.figure.layout.yaxis.range = [3.2, 2.7]  # as a box zoom in the browser leaves it
+    e.layers.value = (0, 1)
+    assert list(e.figure.layout.yaxis.range) == [1.5, -0.5] and list(e.figure.layout.xaxis.range) == [-0.5, 6.5]
+    assert e.figure.data[0].colorbar.title.text == "activation frequency (share of tokens)"
+    assert "English (en) frequency" in e.figure.data[0].hovertemplate
+
+
+def test_model_switch_keeps_a_fitting_range_else_shows_all_layers():
+    sets = {"short": frequency_set("short", 4, 5), "long": frequency_set("long", 9, 5, seed=2)}
+    e = Explorer(sets)
+    e.model.value = "long"  # the whole range stays the whole range
+    assert e.layers.value == (0, 8) and list(e.figure.data[0].y) == list(range(9))
+    e.layers.value = (6, 8)
+    e.model.value = "short"  # does not fit: all layers, not a collapsed 3..3
+    assert e.layers.value == (0, 3)
+    e.layers.value = (1, 2)
+    e.model.value = "long"
+    assert e.layers.value == (1, 2)
+
+
+def test_clicking_a_cell_selects_the_expert_for_the_detail_view():
+    fs = with_se(frequency_set())
+    e = Explorer({"m": fs})
+    e.layers.value = (2, 4)
+    h = heatmap(fs, Controls("en", layers=(2, 4)))
+    e._clicked(None, type("Points", (), {"xs": [3], "ys": [3]})(), None)
+    expert = int(h.experts[1, 3])
+    assert e.selected == (3, expert) and e.highlight.value == f"3:{expert}"
+    bar = e.detail.data[0]
+    np.testing.assert_allclose(bar.y, fs.freq[:, 3, expert])
+    np.testing.assert_allclose(bar.error_y.array, fs.se[:, 3, expert])
+    np.testing.assert_allclose(e.detail.data[1].y, fs.freq[0, :, expert])
+    np.testing.assert_allclose(np.array(e.detail.data[2].z), fs.freq[:, 3, np.argsort(-fs.freq.mean(0)[3], kind="stable")])
+    assert list(e.figure.data[1].x) == [3] and list(e.figure.data[1].y) == [3]  # the highlight marker
+    e.highlight.value = str(expert)  # one id, every layer: one marker per shown layer
+    assert list(e.figure.data[1].y) == [2, 3, 4]
+    for col, layer in zip(e.figure.data[1].x, e.figure.data[1].y):
+        assert heatmap(fs, Controls("en", layers=(2, 4))).experts[layer - 2, col] == expert
+
+
+def test_state_round_trips_through_the_query_string():
+    sets = {"m": with_se(frequency_set()), "n": with_se(frequency_set("n", 3, 4, 1))}
+    e = Explorer(sets)
+    e.model.value, e.view.value, e.other.value, e.layers.value = "n", "pair", "ja", (1, 2)
+    e.order.value, e.scale.value, e.noise.value, e.highlight.value = "index", "auto", True, "1:2"
+    query = e.state()
+    fresh = Explorer(sets)
+    fresh.apply_state(query)
+    assert fresh.state() == query and fresh.controls() == e.controls()
+    np.testing.assert_array_equal(np.array(fresh.figure.data[0].z, dtype=float), np.array(e.figure.data[0].z, dtype=float))
+    fresh.apply_state("model=zz&language=xx&layers=7-9&view=language")
+    assert "zz" in fresh.status.value and "xx" in fresh.status.value and "7-9" in fresh.status.value
+    assert fresh.view.value == "language" and fresh.model.value == "n"
+
+
+def test_explorer_has_no_cloud_share_and_says_controls_need_a_kernel():
+    e = Explorer({"m": frequency_set()})
+    assert e.figure._config["showSendToCloud"] is False and "sendChartToCloud" in e.figure._config["modeBarButtonsToRemove"]
+    assert "need a running Python kernel" in e._repr_mimebundle_()["text/html"]
+
+
+def smoke_like_root(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "p.yaml").write_text("models: [a, b]\nnotebooks:\n  02_profile: {}\n")
+    monkeypatch.setattr(config, "ROOT", tmp_path)
+    artefacts = tmp_path / "build" / "p" / "artefacts"
+    tokens = np.array([10, 20, 30])
+    paths = {m: write_artefact(artefacts, m, np.ones((3, 2, 4), dtype=np.int64), tokens) for m in ("a", "b")}
+    write_frequency_index(artefacts, "p", paths)
+
+
+def test_a_model_of_the_profile_run_needs_no_run_of_its_own(tmp_path, monkeypatch):
+    smoke_like_root(tmp_path, monkeypatch)
+    assert list(run_frequencies("p", "b")) == ["b"]
+    with pytest.raises(BabelError, match=r"no frequencies for model zz in run p; available: a, b.*PROFILE=p MODEL=zz"):
+        run_frequencies("p", "zz")
+    assert main(["check", "p", "a"]) == 0 and main(["check", "p", "zz"]) == 1
+    assert build_command("default") == "make figures" and build_command("smoke") == "make figures PROFILE=smoke"
