@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from babel_lib.babel.moe import ExpertMap, routed
-from babel_lib.babel.partition import PARTITION_METHODS, check_n_experts, cohesion, partition_labels
+from babel_lib.babel.partition import check_n_experts, cohesion, partition_labels
 from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.core.batches import Batch, paragraph_batches, windows
 from babel_lib.core.evaluation import lm_logits, window_loss

@@ -5,7 +5,6 @@ artefacts; the rendered notebook 02 must show every figure from a file with the 
 from __future__ import annotations
 
 import csv
-import math
 import os
 import shutil
 import signal
@@ -251,7 +250,7 @@ def test_click_shows_the_expert_in_the_detail_view_and_highlights_it(app_page, s
     np.testing.assert_allclose(bars["y"], fs.freq[:, layer, expert], rtol=1e-12)
     np.testing.assert_allclose(bars["err"], fs.se[:, layer, expert], rtol=1e-12)
     np.testing.assert_allclose(bars["layers"], fs.freq[0, :, expert], rtol=1e-12)
-    assert app_page.wait(f"p => p.marks.length === 1")["marks"] == [col]
+    assert app_page.wait("p => p.marks.length === 1")["marks"] == [col]
     assert page.locator(".babel-highlight input").input_value() == f"{layer}:{expert}"
 
 

@@ -12,7 +12,7 @@ from conftest import TEXTS
 
 from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore, params_key
-from babel_lib.core.batches import encode, pad, paragraph_batches, windows
+from babel_lib.core.batches import encode, paragraph_batches, windows
 from babel_lib.errors import BabelError
 from babel_lib.core.evaluation import window_loss
 
