@@ -303,18 +303,18 @@ def test_explorer_has_no_cloud_share_and_says_controls_need_a_kernel():
 
 def smoke_like_root(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "p.yaml").write_text("models: [a, b]\nnotebooks:\n  02_profile: {}\n")
+    (tmp_path / "configs" / "p.yaml").write_text("models: [org/a, org/b]\nlanguages: [en]\nnotebooks:\n  02_profile: {}\n")
     monkeypatch.setattr(config, "ROOT", tmp_path)
     artefacts = tmp_path / "build" / "p" / "artefacts"
     tokens = np.array([10, 20, 30])
-    paths = {m: write_artefact(artefacts, m, np.ones((3, 2, 4), dtype=np.int64), tokens) for m in ("a", "b")}
+    paths = {m: write_artefact(artefacts, m, np.ones((3, 2, 4), dtype=np.int64), tokens) for m in ("org/a", "org/b")}
     write_frequency_index(artefacts, "p", paths)
 
 
 def test_a_model_of_the_profile_run_needs_no_run_of_its_own(tmp_path, monkeypatch):
     smoke_like_root(tmp_path, monkeypatch)
-    assert list(run_frequencies("p", "b")) == ["b"]
-    with pytest.raises(BabelError, match=r"no frequencies for model zz in run p; available: a, b.*PROFILE=p MODEL=zz"):
-        run_frequencies("p", "zz")
-    assert main(["check", "p", "a"]) == 0 and main(["check", "p", "zz"]) == 1
+    assert list(run_frequencies("p", "org/b")) == ["org/b"]
+    with pytest.raises(BabelError, match=r"no frequencies for model org/zz in run p; available: org/a, org/b.*PROFILE=p MODEL=org/zz"):
+        run_frequencies("p", "org/zz")
+    assert main(["check", "p", "org/a"]) == 0 and main(["check", "p", "org/zz"]) == 1
     assert build_command("default") == "make figures" and build_command("smoke") == "make figures PROFILE=smoke"
