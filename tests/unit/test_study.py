@@ -159,3 +159,26 @@ def test_shipped_profiles_validate(profile):
 def test_unknown_profile_lists_the_profiles():
     with pytest.raises(BabelError, match="unknown profile 'smok' \\(did you mean 'smoke'\\?\\); profiles are .*default"):
         config.load_profile("smok")
+
+
+def test_the_corpus_key_is_honoured(configs, monkeypatch):
+    """`corpus: flores_plus` loads FLORES+ (dev for calibration, devtest for held-out), never the LibreOffice corpus."""
+    from babel_lib.data import flores, texts
+
+    (configs / "default.yaml").write_text("models: [tiny:llama]\nlanguages: [en, de]\ncorpus: flores_plus\n"
+                                         "corpus_path: /data/flores\nnotebooks:\n  01_convert: {}\n")
+    source = config.text_source(config.notebook_params("01_convert", "default"))
+    calls = []
+    monkeypatch.setattr(flores, "load_flores", lambda langs, split, path=None, limit=None: calls.append(
+        (langs, split, path, limit)) or "rows")
+    assert source.load(["en", "de"], "heldout", 5) == "rows"
+    assert calls == [(["en", "de"], "devtest", "/data/flores", 5)]
+    assert source.identity != texts.TextSource().identity
+    with pytest.raises(BabelError, match="corpus: corpus_kinds and corpus_min_words filter the LibreOffice"):
+        config.RunParams(models=("tiny:llama",), languages=("en",), corpus="flores_plus", corpus_min_words=3)
+
+
+def test_the_filter_enters_the_text_identity():
+    from babel_lib.data.texts import TextSource
+
+    assert TextSource().identity != TextSource(min_words=5).identity != TextSource(kinds=("paragraph",)).identity
