@@ -1,6 +1,6 @@
 """Benchmark sliced (physically smaller) FFNs and dynamic expert sparsity against the dense model.
 
-Embedded models on this CPU:      python benchmarks/pruning.py --device cpu
+Embedded models on this CPU:      python -m benchmarks.pruning --device cpu   (from the repository root)
 LLaMA-2-7B shape on a GPU:        python benchmarks/pruning.py --device cuda [--out DIR]
 Quick check of the GPU code path: python benchmarks/pruning.py --device cuda --shape llama-small (runs on the CPU too)
 

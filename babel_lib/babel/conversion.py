@@ -66,6 +66,7 @@ class ConvertParams(StudyParams):
     routed_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # top-k routing: share of each layer's experts per token
     routed_seq_len: int = param(64, ge=2)  # tokens per held-out window of the routed-perplexity check
     routed_windows: int = param(1, ge=1)  # held-out windows per language for it
+    routed_mode: Literal["sum", "abs", "pos"] = "abs"  # expert score for routing (|a|: the signed sum collapses)
 
     def check(self) -> None:
         if any(not 0 < f <= 1 for f in self.routed_fractions):
@@ -383,8 +384,10 @@ class RoutedPerplexity:
 def routed_perplexity(models: Mapping[str, LoadedModel], conversion: Conversion, params: ConvertParams,
                       languages: Sequence[str], seed: int = 0, paragraphs: int = 40,
                       source: TextSource = TextSource()) -> RoutedPerplexity:
-    """Perplexity when each token runs only its top `routed_fractions` of every layer's experts (scores: the
-    sum of the expert's activations), against the dense model and a random choice of the same share.
+    """Perplexity when each token runs only its top `routed_fractions` of every layer's experts (scores under
+    `routed_mode`: by default the sum of |a| over the expert's neurons; the signed sum drops experts with large
+    negative contributions and multiplies the perplexity by 10^3-10^4 on the embedded models), against the dense
+    model and a random choice of the same share.
 
     Windows: `routed_windows` per language of `routed_seq_len` tokens, cut from the first `paragraphs` held-out
     paragraphs; the loss comes from `evaluation.window_loss` (the chunked LM head).
@@ -410,7 +413,7 @@ def routed_perplexity(models: Mapping[str, LoadedModel], conversion: Conversion,
                 if gates is None:
                     per_window.append(window_loss(lm.model, w[None]).mean)
                 else:
-                    with routed(lm.model, experts, gates):
+                    with routed(lm.model, experts, gates, params.routed_mode):
                         per_window.append(window_loss(lm.model, w[None]).mean)
             losses[name][setting] = torch.tensor(per_window, dtype=torch.float64)
     return RoutedPerplexity(tuple(params.routed_fractions), control, window_langs, losses)
