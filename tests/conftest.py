@@ -41,7 +41,3 @@ def _embedded(alias: str) -> LoadedModel:
 def embedded():
     """embedded(alias) -> the embedded model in float32 on the CPU (cached for the session)."""
     return _embedded
-
-
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Der schnelle braune Fuchs.", "日本語のテキストです。",
-         "Le renard brun rapide saute par-dessus le chien paresseux, puis il s'en va."]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEXTS
+from samples import TEXTS
 
 from babel_lib.babel.conversion import partition_model
 from babel_lib.babel.profiler import profile_languages

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEXTS
+from samples import TEXTS
 
 from babel_lib.core.batches import encode, pad
 from babel_lib.errors import BabelError

@@ -8,7 +8,7 @@ import math
 import plotly.graph_objects as go
 import pytest
 import torch
-from conftest import TEXTS
+from samples import TEXTS
 
 from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore, params_key

@@ -16,7 +16,7 @@ from babel_lib.massive.scan import median_abs, paragraph_windows, sample_index, 
 from babel_lib.core.models import load_model, run_decoder
 from babel_lib.errors import BabelError
 
-from conftest import TEXTS
+from samples import TEXTS
 
 LAYER, DIM, CARRIER, NEURON = 1, 5, 7, 11  # plant at block 1, residual dim 5, keyed on embedding dim 7
 TEXT = " ".join(TEXTS * 3)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS
+from samples import TEXTS
 
 from babel_lib.babel.analysis import compare_variants, frequencies
 from babel_lib.core.artefacts import ArtefactStore

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEXTS
+from samples import TEXTS
 
 from babel_lib.babel.moe import ExpertMap
 from babel_lib.babel.pruning import (Frequencies, adaptive_counts, dynamic, frequency_keep, load_sliced, masked,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TEXTS
+from samples import TEXTS
 
 from babel_lib.core.batches import encode, pad
 from babel_lib.errors import BabelError
