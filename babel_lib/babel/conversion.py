@@ -348,6 +348,12 @@ class RoutedPerplexity:
         ratio = math.exp(float(diff.mean()))
         return ratio, ratio * se
 
+    def loss_gap(self, model: str, worse: str, better: str) -> tuple[float, float]:
+        """Mean per-window loss of `worse` minus that of `better` (log perplexity ratio), and its paired s.e."""
+        diff = (self.losses[model][worse] - self.losses[model][better]).double()
+        se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else math.nan
+        return float(diff.mean()), se
+
     def perplexity(self, model: str, setting: str) -> float:
         return math.exp(float(self.losses[model][setting].double().mean()))
 
@@ -448,10 +454,14 @@ def verdicts(conversion: Conversion, routed: RoutedPerplexity) -> list:
             gaps[m] = (rt, st, rr, sr)
         ours = "; ".join(f"{m}: {top} {rt:.2f}x ± {st:.2f} vs {control} {rr:.2f}x ± {sr:.2f} of dense perplexity"
                          for m, (rt, st, rr, sr) in gaps.items())
-        better = {m: rr - rt > 2 * math.hypot(st, sr) for m, (rt, st, rr, sr) in gaps.items()}
+        better = {}
+        for m in routed.losses:
+            gap, se = routed.loss_gap(m, control, top)
+            better[m] = gap > 2 * se
         verdict = decide(all(better.values()), any(better.values()))
-        rule = (f"reproduced when, in every model, routing each token to its {top} experts by score beats keeping "
-                f"{routed.control:.0%} at random by more than 2 s.e. (per-window paired differences); partly in some")
+        rule = (f"reproduced when, in every model, routing each token to its {top} experts by score has a lower loss "
+                f"(log perplexity) than keeping {routed.control:.0%} at random by more than 2 s.e. of the per-window "
+                "paired differences; partly in some")
     else:
         ours, verdict, rule = "no top-k share equals the random control's share", "not attempted", \
             "needs routed_fractions to hold 1 - drop_fraction"
