@@ -58,8 +58,12 @@ def init() -> torch.device:
     return device
 
 
-def shutdown() -> None:
+def shutdown(together_ok: bool = True) -> None:
+    """Leave the process group. Ranks first meet at a barrier (unless this rank failed alone, when the others
+    may never come): a gloo rank whose peer tore its connections down mid-exit dies with SIGABRT."""
     if dist.is_available() and dist.is_initialized():
+        if together_ok and active():
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -184,17 +188,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="default", help="configs/<profile>.yaml")
     parser.add_argument("--model", default="", help="comma-separated models replacing the profile's")
     args = parser.parse_args(argv)
+    alone = False
     try:
         init()
         profile_run(args.profile, args.model)
     except BabelError as err:
-        if not isinstance(err, RankFailed):  # this rank alone: torchrun ends the others
+        alone = not isinstance(err, RankFailed)
+        if alone:  # this rank alone: torchrun ends the others
             print(f"error: rank {rank()}: {err}", file=sys.stderr, flush=True)
         elif rank() == 0:  # every rank holds the same error: say it once
             print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
-        shutdown()
+        shutdown(together_ok=not alone)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def fail(root: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     distributed.init()
+    alone = False
     try:
         if sys.argv[1] == "results":
             out = results()
@@ -61,8 +62,9 @@ if __name__ == "__main__":
         else:
             fail(sys.argv[2])
     except BabelError as err:
-        if not isinstance(err, distributed.RankFailed) or distributed.rank() == 0:
+        alone = not isinstance(err, distributed.RankFailed)
+        if alone or distributed.rank() == 0:
             print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
-        distributed.shutdown()
+        distributed.shutdown(together_ok=not alone)
