@@ -238,15 +238,22 @@ def notebook_params(notebook: str, profile: str = "default", model: str = "", **
 
 
 def apply_runtime(P: Params) -> None:
-    """Set the process-wide knobs a run depends on: CPU threads, the global seeds, and how figures display
-    (the plotly mimetype for JupyterLab plus self-contained HTML, so the nbconvert rendering shows them too)."""
+    """Set the process-wide knobs a run depends on: CPU threads and the global seeds (`seed_runtime`), and how
+    figures display (the plotly mimetype for JupyterLab plus self-contained HTML, so the nbconvert rendering
+    shows them too)."""
+    import plotly.io as pio
+
+    pio.renderers.default = "plotly_mimetype+notebook"
+    seed_runtime(P)
+
+
+def seed_runtime(P: Params) -> None:
+    """CPU threads and the global seeds of a run: what a notebook and a launcher computing its artefact share."""
     import random
 
     import numpy as np
-    import plotly.io as pio
     import torch
 
-    pio.renderers.default = "plotly_mimetype+notebook"
     torch.set_num_threads(int(P.get("threads", 2)))
     random.seed(P.get("seed", 0))
     np.random.seed(P.get("seed", 0))

@@ -8,8 +8,9 @@ single-process result on every rank: integer counters sum exactly, and float row
 index in zeros before the sum (x + 0 = x), so the caller adds them up in the single-process order. Without
 `torchrun` (no WORLD_SIZE in the environment) every function is the single-process identity.
 
-Launcher, writing the artefact the notebook then reads (only rank 0 writes, atomically):
-    torchrun --nproc-per-node 2 -m babel_lib.core.distributed profile --profile gpu [--model NAME]
+Launchers, writing the artefacts a notebook then reads under the same keys (only rank 0 writes, atomically):
+    torchrun --nproc-per-node 2 -m babel_lib.core.distributed profile scan sparsity perplexity --profile gpu [--model M]
+(profile: 02's counts; scan: 03's residual scan; sparsity: 04's CETT / PPL-p%; perplexity: 05's pruned perplexities.)
 """
 
 from __future__ import annotations
@@ -146,52 +147,154 @@ class RankZeroStore(ArtefactStore):
     """An ArtefactStore for ranks computing the same artefact together: every rank computes (its share), only
     rank 0 writes (atomically, after the collective pass succeeded), and the others read once it is there."""
 
+    def __init__(self, root: str | Path):
+        super().__init__(root)
+        self.used: list[Path] = []  # every artefact computed or found through `cached`, in order
+
     def save(self, kind, params, tensors, meta=None):
         path = super().save(kind, params, tensors, meta) if rank() == 0 else self.paths(kind, params)[0]
         barrier()
         return path
 
+    def cached(self, kind, params, compute):
+        out = super().cached(kind, params, compute)
+        self.used.append(self.paths(kind, params)[0])
+        return out
+
+
+def _setup(notebook: str, profile: str, model: str):
+    """A launcher's start: the notebook's parameters, threads and seeds as the notebook sets them, this rank's
+    device (where the profile asks for a GPU) and a store where only rank 0 writes."""
+    from babel_lib.core import config
+
+    P = config.notebook_params(notebook, profile, model)
+    config.seed_runtime(P)
+    device = init()
+    return P, (device if P.device in ("auto", "cuda") else P.device), RankZeroStore(P.artefacts)
+
+
+def _say(line: str) -> None:
+    if rank() == 0:
+        print(line, flush=True)
+
 
 def profile_run(profile: str, model: str = "") -> list[Path]:
     """Notebook 02's counting pass (its text, partition and settings under `profile`), on this rank's share of
-    the batches; writes the "frequencies" artefacts the notebook then loads (the same keys). Returns their paths."""
+    the batches; writes the "frequencies" artefacts and the run's index the notebook then loads (the same keys).
+    Each launcher returns the artefacts it computed or found."""
     from babel_lib.babel import profiler
     from babel_lib.babel.conversion import run_partition
     from babel_lib.core import config
     from babel_lib.core.models import load_model
 
-    P = config.notebook_params("02_profile", profile, model)
-    torch.set_num_threads(int(P.threads))
-    torch.manual_seed(P.get("seed", 0))
-    device = init()
-    store = RankZeroStore(P.artefacts)
+    P, device, store = _setup("02_profile", profile, model)
     texts = profiler.calibration_sample(P.languages, P.paragraphs, config.text_source(P))
     params = P.typed(profiler.ProfileParams)
-    paths = []
+    profiles = {}
     for name in P.models:
-        lm = load_model(name, device if P.device in ("auto", "cuda") else P.device, P.dtype)
+        lm = load_model(name, device, P.dtype)
         part = run_partition(store, lm, profile, model)
-        result = profiler.profile(store, lm, part, params, texts, split="calibration", progress=rank() == 0)
-        paths.append(result.path)
-        if rank() == 0:
-            print(f"{name}: {result.path} ({world_size()} processes)", flush=True)
-    return paths
+        profiles[name] = profiler.profile(store, lm, part, params, texts, split="calibration", progress=rank() == 0)
+        _say(f"profile {name}: {profiles[name].path} ({world_size()} processes)")
+        del lm, part
+    if rank() == 0:
+        profiler.save_index(P.artefacts, P.run, profiles)  # what notebooks 02 (explorer) and 05 look models up in
+    return store.used
+
+
+def scan_run(profile: str, model: str = "") -> list[Path]:
+    """Notebook 03's residual-stream scan of every run (model, with/without BOS) on its calibration windows;
+    writes the "massive-scan" artefacts the notebook then loads. Models load as in 03 (eager attention)."""
+    from babel_lib.core import config
+    from babel_lib.core.models import load_model
+    from babel_lib.massive.scan import ScanParams, runs, scan
+
+    P, device, store = _setup("03_massive_activations", profile, model)
+    source = config.text_source(P)
+    calibration = source.load(P.languages, "calibration", P.scan_paragraphs)
+    texts = {lang: calibration[lang] for lang in P.languages}
+    params = P.typed(ScanParams)
+    for name in P.models:
+        lm = load_model(name, device, P.dtype, attn_implementation="eager")
+        for run in runs({name: lm}):
+            scan(store, lm, params, texts, bos=run.bos, corpus_sha256=source.identity)
+            _say(f"scan {run.label}: {store.used[-1]} ({world_size()} processes)")
+        del lm
+    return store.used
+
+
+def sparsity_run(profile: str, model: str = "") -> list[Path]:
+    """Notebook 04's CETT / PPL-p% measurements: the Pareto study and the per-language study at its PPL-p% value;
+    writes the "sparsity-pareto" and "sparsity-languages" artefacts the notebook then loads."""
+    from babel_lib.core import config
+    from babel_lib.core.models import load_model
+    from babel_lib.sparsing.studies import (
+        EvalParams,
+        LanguageParams,
+        ParetoParams,
+        by_language,
+        pareto,
+    )
+
+    P, device, store = _setup("04_sparsity_scaling", profile, model)
+    evaluation, pareto_params, language_params = (P.typed(c) for c in (EvalParams, ParetoParams, LanguageParams))
+    source = config.text_source(P)
+    corpus = source.load(P.languages, "heldout", evaluation.paragraphs)
+    heldout = {lang: corpus[lang] for lang in P.languages}
+    for name in P.models:
+        lm = load_model(name, device, P.dtype)
+        found = pareto(store, lm, pareto_params, evaluation, heldout, source.identity)
+        by_language(store, lm, language_params, evaluation, heldout, source.identity, cett=found.cett,
+                    target=1 + pareto_params.p / 100)
+        _say(f"sparsity {name}: PPL-{pareto_params.p:g}% at c = {found.cett:.4f} ({world_size()} processes)")
+        del lm
+    return store.used
+
+
+def perplexity_run(profile: str, model: str = "") -> list[Path]:
+    """Notebook 05's perplexity evaluations of every pruning (it needs notebook 02's frequencies: run the
+    `profile` launcher or the notebook first); writes the "pruning" artefacts the notebook then loads."""
+    from babel_lib.babel.conversion import run_partition
+    from babel_lib.babel.pruning import Frequencies
+    from babel_lib.babel.pruning_study import PruneParams, prune
+    from babel_lib.core import config
+    from babel_lib.core.models import load_model
+
+    P, device, store = _setup("05_prune", profile, model)
+    params = P.typed(PruneParams)
+    heldout = config.text_source(P).load(params.eval_languages, "heldout", params.paragraphs)
+    texts = {lang: heldout[lang] for lang in params.eval_languages}
+    for name in P.models:
+        lm = load_model(name, device, P.dtype)
+        part = run_partition(store, lm, profile, model)
+        freqs = Frequencies.of_run(P.artefacts, P.run, name)
+        prune(store, lm, part.experts, freqs, part.params.as_dict(), texts, params)
+        _say(f"perplexity {name}: {len(params.rates)} rates x {len(texts)} languages ({world_size()} processes)")
+        del lm, part
+    return store.used
+
+
+STUDIES: dict[str, Callable[[str, str], list[Path]]] = {
+    "profile": profile_run, "scan": scan_run, "sparsity": sparsity_run, "perplexity": perplexity_run}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`torchrun --nproc-per-node N -m babel_lib.core.distributed profile --profile gpu [--model NAME]`."""
+    """`torchrun --nproc-per-node N -m babel_lib.core.distributed STUDY [STUDY ...] --profile P [--model M]`."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m babel_lib.core.distributed",
-                                     description="run a study's heavy pass over the processes torchrun starts")
-    parser.add_argument("study", choices=["profile"])
+                                     description="run studies' heavy passes over the processes torchrun starts, "
+                                                 "writing the artefacts the notebooks then read")
+    parser.add_argument("studies", nargs="+", choices=list(STUDIES),
+                        help="profile (02), scan (03), sparsity (04), perplexity (05; after profile), in this order")
     parser.add_argument("--profile", default="default", help="configs/<profile>.yaml")
     parser.add_argument("--model", default="", help="comma-separated models replacing the profile's")
     args = parser.parse_args(argv)
     alone = False
     try:
         init()
-        profile_run(args.profile, args.model)
+        for study in args.studies:
+            STUDIES[study](args.profile, args.model)
     except BabelError as err:
         alone = not isinstance(err, RankFailed)
         if alone:  # this rank alone: torchrun ends the others
