@@ -7,19 +7,30 @@ The two embedded models on the CPU (batch 4 x 128):
 A small LLaMA (4 layers, hidden 512) to check the script anywhere:
     PYTHONPATH=. python -m benchmarks.massive --device cpu --shape llama-small
 Writes the markdown table to stdout and to benchmarks/results/massive-<device>.md (llama-small:
-massive-<device>-llama-small.md). Random weights have no massive activations; that does not change what the
-scan costs.
+massive-<device>-llama-small.md); --out DIR writes a copy there, --trace (CUDA) the kernels of one pass of each
+variant against the bare forward's (massive-trace-cuda.md). Random weights have no massive activations; that
+does not change what the scan costs. "before" rows scan as the library did before 2026-11-30 (every statistic
+in each layer's hook); the others sort the median samples and pick the top entries of all layers at once.
 """
 
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 
-from babel_lib.massive.scan import scan_residuals
+from babel_lib.core.ffn import decoder_layers
+from babel_lib.core.hooks import hooked
 from babel_lib.core.models import run_decoder
-from benchmarks.common import machine_name, write_table
+from babel_lib.massive.scan import (
+    ResidualScan,
+    Scan,
+    median_abs,
+    sample_index,
+    top_entries,
+)
+from benchmarks.common import kernel_times, machine_name, trace_summary, write_table
 
 SHAPES = {"llama2-7b": (8, 1024), "llama-small": (4, 256), "embedded": (4, 128)}  # default (batch, seq_len)
 LLAMA = {  # (layers, hidden, FFN width, heads)
@@ -60,15 +71,53 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class PerLayerScan(ResidualScan):
+    """The scan as it was before 2026-11-30 (benchmark only): every statistic computed in each layer's hook."""
+
+    def _observer(self, layer: int):
+        def observe(h: torch.Tensor) -> None:
+            h = h.detach()
+            key = (h.shape[1] * h.shape[2], h.shape[2])
+            if key not in self._index:
+                self._index[key] = sample_index(*key, self.median_sample, h.device)
+            self._layer[layer] = (*top_entries(h, self.top_k), median_abs(h, self._index[key]))
+        return observe
+
+    def end_batch(self) -> None:
+        per_layer = [self._layer[layer] for layer in range(self.n_layers)]
+        self._batches.append(tuple(torch.stack(parts, dim=1) for parts in zip(*per_layer)))
+        self._layer = {}
+
+
+def scanned(model: torch.nn.Module, ids: torch.Tensor, cls: type[ResidualScan], top_k: int,
+            sample: int | None) -> Scan:
+    """One batch through the decoder under a scan of class `cls`, results copied to the CPU (what
+    scan_residuals does for one batch on one process)."""
+    scan = cls(len(decoder_layers(model)), top_k, sample)
+    with hooked(model, scan.hooks()):
+        run_decoder(model, ids)
+        scan.end_batch()
+    return scan.result(ids)
+
+
 def variants(model: torch.nn.Module, ids: torch.Tensor, top_k: int) -> dict:
     """What is timed: each returns once its results are complete (the scan ends with its one copy to the CPU)."""
-    batch = ids.shape[0]
     return {
-        "bare decoder forward (no LM head)": lambda: run_decoder(model, ids),
-        "forward + scan, exact median": lambda: scan_residuals(model, ids, batch_size=batch, top_k=top_k),
-        f"forward + scan, median of {SAMPLE:,} sampled entries": lambda: scan_residuals(
-            model, ids, batch_size=batch, top_k=top_k, median_sample=SAMPLE),
+        "bare decoder forward (no LM head)": partial(run_decoder, model, ids),
+        "forward + scan, exact median": partial(scanned, model, ids, ResidualScan, top_k, None),
+        f"before: forward + scan, median of {SAMPLE:,} sampled entries, per layer": partial(
+            scanned, model, ids, PerLayerScan, top_k, SAMPLE),
+        f"forward + scan, median of {SAMPLE:,} sampled entries": partial(
+            scanned, model, ids, ResidualScan, top_k, SAMPLE),
     }
+
+
+@torch.no_grad()
+def same_scans(fns: dict) -> list[str]:
+    """Check lines: the sampled scans before and now give the same values, positions, dims and medians."""
+    before, now = (fn() for name, fn in fns.items() if "sampled" in name)
+    same = all(torch.equal(x, y) for x, y in zip(before.tensors().values(), now.tensors().values()))
+    return [f"- the sampled scan before and now give identical results: {same}"]
 
 
 def clock(device: torch.device):
@@ -78,10 +127,8 @@ def clock(device: torch.device):
 
 
 @torch.no_grad()
-def measure(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, runs: int, warmup: int,
-            top_k: int) -> dict[str, list[float]]:
+def measure(fns: dict, device: torch.device, runs: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per forward of each variant, interleaved run by run so that drift hits all alike."""
-    fns = variants(model, ids, top_k)
     now = clock(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for step in range(warmup + runs):
@@ -115,6 +162,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     parser.add_argument("--top-k", type=int, default=32, help="entries kept per sequence and layer (default 32)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    parser.add_argument("--trace", action="store_true",
+                        help="CUDA: torch.profiler kernel times of one pass per variant against the bare forward")
+    parser.add_argument("--out", default=None, help="also write the tables into this folder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -131,14 +181,25 @@ def main() -> None:
               "| model | variant | median (s) | runs (s) | tokens/s | x bare | overhead |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(header), flush=True)
-    rows = []
+    rows, checks, traces = [], [], []
     for label, model in models:
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=gen).to(device)
-        new = table_rows(label, measure(model, ids, device, args.runs, args.warmup, args.top_k), batch * seq_len)
-        print("\n".join(new), flush=True)
+        fns = variants(model, ids, args.top_k)
+        new = table_rows(label, measure(fns, device, args.runs, args.warmup), batch * seq_len)
+        checks += same_scans(fns)
+        print("\n".join(new + checks[-1:]), flush=True)
         rows += new
-    write_table(f"massive-{device.type}{'-llama-small' if args.shape == 'llama-small' else ''}", header + rows)
+        if args.trace and device.type == "cuda":
+            with torch.no_grad():
+                kernels = {name: kernel_times(fn) for name, fn in fns.items() if "exact" not in name}
+            traces += trace_summary(f"{label}: kernels of one pass (batch {batch} x {seq_len})", kernels,
+                                    "bare decoder forward (no LM head)")
+    suffix = f"{device.type}{'-llama-small' if args.shape == 'llama-small' else ''}"
+    write_table(f"massive-{suffix}", header + rows + [""] + checks, args.out)
+    if traces:
+        title = f"# Massive-activation scan: kernels on {machine_name(device)}, torch {torch.__version__}"
+        write_table(f"massive-trace-{suffix}", [title, ""] + traces, args.out)
 
 
 if __name__ == "__main__":

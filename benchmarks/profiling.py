@@ -3,6 +3,8 @@
 Embedded models on this CPU:        python benchmarks/profiling.py --device cpu --shape embedded
 LLaMA-2-7B shape on a GPU:          python benchmarks/profiling.py --device cuda --shape llama2-7b
 Quick check of that code path:      python benchmarks/profiling.py --device cpu --shape llama-small
+Where the time goes (CUDA):          ... --trace --ops --out DIR   (kernel times per variant against the bare
+                                     forward; each step of one layer's counting timed alone)
 The LLaMA shapes are built from a config with random weights (bf16 on CUDA; no download); batches are random
 token ids, 8 x 1024 for llama2-7b. Experts come from a random partition (the cost does not depend on it).
 Variants are timed in interleaved rounds (warm-up first; CUDA: wall clock with synchronisation; CPU: process
@@ -12,6 +14,7 @@ benchmarks/results/profile-<device>.md (the check shape to profile-<device>-llam
 
 import argparse
 import os
+from functools import partial
 import statistics
 import time
 
@@ -20,10 +23,10 @@ import torch
 from babel_lib.core.batches import Batch
 from babel_lib.core.ffn import ffn_layers
 from babel_lib.core.models import run_decoder
-from babel_lib.babel.moe import ExpertMap
+from babel_lib.babel.moe import ExpertMap, kth_largest
 from babel_lib.babel.partition import partition_labels
-from babel_lib.babel.profiler import ExpertProfiler
-from benchmarks.common import machine_name, write_table
+from babel_lib.babel.profiler import ExpertProfiler, positive_counts, tally
+from benchmarks.common import kernel_times, machine_name, trace_summary, write_table
 
 LLAMA = {  # LlamaConfig keywords, and the batch to time
     "llama2-7b": ({"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -34,7 +37,8 @@ LLAMA = {  # LlamaConfig keywords, and the batch to time
 
 
 def variants(device: torch.device) -> dict[str, dict]:
-    """Profiler settings to time, by row label (None = the bare forward)."""
+    """Profiler settings to time, by row label (None = the bare forward). On CUDA, "before" rows count as the
+    profiler did before 2026-11-30 (the k-th largest score by topk), "candidate" rows try other kernels."""
     rows = {
         "bare decoder forward (no LM head)": None,
         "topk 25%, sum, experts only": {"neurons": False},
@@ -42,14 +46,51 @@ def variants(device: torch.device) -> dict[str, dict]:
         "zscore 25%, sum, experts + neurons": {"rule": "zscore"},
         "threshold > 0, sum, experts + neurons": {"rule": "threshold"},
         "topk 25%, abs, experts + neurons": {"mode": "abs"},
+        "topk 25%, sum, experts + neurons, one-hot matmul scores": {"scorer": "matmul"},
     }
     if device.type != "cuda":
-        rows["topk 25%, sum, experts + neurons, one-hot matmul scores"] = {"scorer": "matmul"}
-    if device.type == "cuda":
-        rows["topk 25%, sum, experts only, compiled counting"] = {"neurons": False, "compile": True}
-        rows["topk 25%, sum, experts + neurons, compiled counting"] = {"compile": True}
-        rows["threshold > 0, sum, experts + neurons, compiled counting"] = {"rule": "threshold", "compile": True}
+        return rows
+    del rows["topk 25%, sum, experts + neurons, one-hot matmul scores"]  # the CUDA default already
+    rows["before: topk 25%, sum, experts + neurons, topk k-th"] = {"kth": "topk"}
+    rows["topk 25%, sum, experts only, compiled counting"] = {"neurons": False, "compile": True}
+    rows["before: topk 25%, sum, experts only, compiled counting, topk k-th"] = {"neurons": False, "compile": True,
+                                                                                 "kth": "topk"}
+    rows["topk 25%, sum, experts + neurons, compiled counting (gpu profile)"] = {"compile": True}
+    rows["before: topk 25%, sum, experts + neurons, compiled counting, topk k-th (gpu profile)"] = {
+        "compile": True, "kth": "topk"}
+    rows["candidate: experts + neurons, compiled, k-th by rank count"] = {"compile": True, "kth": "rank"}
+    rows["candidate: experts + neurons, compiled max-autotune-no-cudagraphs"] = {
+        "compile": "max-autotune-no-cudagraphs"}
+    rows["threshold > 0, sum, experts + neurons, compiled counting"] = {"rule": "threshold", "compile": True}
     return rows
+
+
+def topk_tally(scores, a, mask, rule, k, threshold, neurons):
+    """`tally` as it was before 2026-11-30 (rule topk): the k-th largest score by topk's radix selection."""
+    experts = ((scores >= kth_largest(scores, k, by_sort=False)) & mask[:, None]).sum(0)
+    return experts, positive_counts(a, mask) if neurons else None
+
+
+def rank_tally(scores, a, mask, rule, k, threshold, neurons):
+    """A candidate `tally` (rule topk, compiled only): an expert is active when fewer than k scores of its token
+    are strictly greater (the same set as score >= the k-th largest); compiled, the [N, E, E] comparison is
+    fused into one reduction and never stored."""
+    greater = (scores[:, None, :] > scores[:, :, None]).sum(-1)
+    experts = ((greater < k) & mask[:, None]).sum(0)
+    return experts, positive_counts(a, mask) if neurons else None
+
+
+class Variant(ExpertProfiler):
+    """ExpertProfiler whose per-layer counting is an earlier version or a candidate (benchmark only):
+    kth "topk" (before) or "rank" (candidate); compile True or a torch.compile mode."""
+
+    def __init__(self, model, experts, *, kth: str = "", compile: bool | str = False, **settings):
+        super().__init__(model, experts, compile=bool(compile), **settings)
+        fn = {"": tally, "topk": topk_tally, "rank": rank_tally}[kth]
+        if compile:
+            self._tally = torch.compile(fn, **({"mode": compile} if isinstance(compile, str) else {}))
+        else:
+            self._tally = fn
 
 
 def llama_model(shape: str, device: torch.device):
@@ -96,34 +137,35 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-@torch.no_grad()
-def measure(model, batches, device, n_experts: int, warmup: int, runs: int):
-    """Median seconds per pass over `batches` for every variant, and the profilers (for count checks)."""
+def run_variant(model, profilers: dict, label: str, batches) -> None:
+    """One pass over `batches`: the bare forward when `label` has no profiler, else counted by its profiler."""
+    if label not in profilers:
+        for b in batches:
+            run_decoder(model, b.input_ids, b.attention_mask)
+        return
+    with profilers[label] as prof:
+        for b in batches:
+            prof.count(b, 0)
+
+
+def random_experts(model, n_experts: int) -> ExpertMap:
+    """A random balanced partition of every layer (the cost does not depend on the partition)."""
     layers = ffn_layers(model)
-    labels = torch.stack([partition_labels(f.cluster_rows(), n_experts, "random", seed=f.index).cpu() for f in layers])
-    experts = ExpertMap(labels, n_experts)
-    profilers = {}
-    for label, setting in variants(device).items():
-        if setting is not None:
-            setting = dict(setting)
-            cls = ExpertProfiler
-            profilers[label] = cls(model, experts, **setting)
+    return ExpertMap(torch.stack([partition_labels(f.cluster_rows(), n_experts, "random", seed=f.index).cpu()
+                                  for f in layers]), n_experts)
 
-    def run(label):
-        if label not in profilers:
-            for b in batches:
-                run_decoder(model, b.input_ids, b.attention_mask)
-            return
-        with profilers[label] as prof:
-            for b in batches:
-                prof.count(b, 0)
 
-    seconds = {label: [] for label in variants(device)}
+@torch.no_grad()
+def measure(model, batches, device, experts: ExpertMap, labels: list[str], warmup: int, runs: int):
+    """Median seconds per pass over `batches` for every variant, and the profilers (for count checks)."""
+    settings = variants(device)
+    profilers = {label: Variant(model, experts, **settings[label]) for label in labels if settings[label] is not None}
+    seconds = {label: [] for label in labels}
     failed = {}  # a variant that cannot run here (e.g. torch.compile without a working compiler) is reported
     for round_ in range(warmup + runs):
         for label in [label for label in seconds if label not in failed]:
             try:
-                t = timed(lambda: run(label), device)
+                t = timed(partial(run_variant, model, profilers, label, batches), device)
             except Exception as err:  # noqa: BLE001 - any failure of one variant must not lose the others
                 failed[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
                 profilers.pop(label, None)
@@ -132,6 +174,79 @@ def measure(model, batches, device, n_experts: int, warmup: int, runs: int):
                 seconds[label].append(t)
     medians = {label: statistics.median(ts) for label, ts in seconds.items() if label not in failed}
     return medians, profilers, failed
+
+
+def cuda_micros(fn, reps: int) -> float:
+    """Median microseconds of fn() on the GPU (CUDA events around each call, after 3 untimed calls)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(1000 * start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def split_k_scores(a: torch.Tensor, onehot: torch.Tensor, parts: int) -> torch.Tensor:
+    """A candidate scorer: the one-hot matmul split along d_ff into `parts` batched GEMMs (more thread blocks
+    for a matmul only 256 columns wide), then summed; fp32 accumulation in another order (timing only)."""
+    n, width = a.shape
+    chunks = a.view(n, parts, width // parts).transpose(0, 1)
+    return torch.bmm(chunks, onehot.view(parts, width // parts, -1), out_dtype=torch.float32).sum(0)
+
+
+@torch.no_grad()
+def op_times(model, experts: ExpertMap, batch: Batch, bare_layer_s: float, ratio: float = 0.25,
+             reps: int = 30) -> list[str]:
+    """Each step of one layer's counting timed alone on layer 0's activation a of `batch` (its scores ~8 MB
+    stay in L2, so small steps time a little optimistic), beside the bare forward's time per layer."""
+    from babel_lib.core.hooks import hooked, site
+
+    seen = {}
+
+    def keep(a: torch.Tensor) -> None:  # observes only (a hook that returns a tensor replaces the activation)
+        seen["a"] = a.reshape(-1, a.shape[-1])
+
+    with hooked(model, {site(0, "mlp.hook_post"): keep}):
+        run_decoder(model, batch.input_ids, batch.attention_mask)
+    a, mask = seen["a"], batch.count_mask.reshape(-1).to(seen["a"].device)
+    k = round(ratio * experts.n_experts)
+    onehot = experts.onehot(0, a.device, a.dtype)
+    scores = experts.scores(0, a)
+    kth = kth_largest(scores, k, by_sort=True)
+    counters = torch.zeros(2, experts.n_experts + a.shape[1], dtype=torch.long, device=a.device)
+    compiled = {name: torch.compile(fn) for name, fn in (("now", tally), ("before", topk_tally), ("rank", rank_tally),
+                                                         ("neurons", positive_counts))}
+    steps = {
+        "one read of a (sum to fp32): the floor of a pass over a": lambda: a.sum(dtype=torch.float32),
+        "scores: mm with the one-hot, fp32 out (ExpertMap.scores)": lambda: experts.scores(0, a),
+        "candidate scores: split-K x2 (bmm, fp32 out) + sum": lambda: split_k_scores(a, onehot, 2),
+        "candidate scores: split-K x4 (bmm, fp32 out) + sum": lambda: split_k_scores(a, onehot, 4),
+        "k-th largest by topk + amin (before)": lambda: kth_largest(scores, k, by_sort=False),
+        "k-th largest by sort (now)": lambda: kth_largest(scores, k, by_sort=True),
+        "activated set, masked column sum (eager)": lambda: ((scores >= kth) & mask[:, None]).sum(0),
+        "neuron count (eager)": lambda: positive_counts(a, mask),
+        "neuron count (compiled)": lambda: compiled["neurons"](a, mask),
+        "tally, compiled (now: sort k-th)": lambda: compiled["now"](scores, a, mask, "topk", k, 0.0, True),
+        "tally, compiled (before: topk k-th)": lambda: compiled["before"](scores, a, mask, "topk", k, 0.0, True),
+        "tally, compiled (candidate: rank count)": lambda: compiled["rank"](scores, a, mask, "topk", k, 0.0, True),
+        "two counter updates (+= into int64 rows)": lambda: (counters[0].add_(counters[1]), counters[1].add_(1)),
+    }
+    bare = 1e6 * bare_layer_s
+    lines = [(f"### One layer's counting, step by step ({a.shape[0]} tokens x d_ff {a.shape[1]}, "
+              f"{experts.n_experts} experts, k = {k}; bare forward {bare:,.0f} µs per layer)"), "",
+             "| step | µs | % of a bare layer |", "| --- | --- | --- |"]
+    for name, fn in steps.items():
+        try:
+            micros = cuda_micros(fn, reps)
+            lines.append(f"| {name} | {micros:,.1f} | {100 * micros / bare:.2f}% |")
+        except Exception as err:  # noqa: BLE001 - a candidate that cannot run here is reported, not fatal
+            lines.append(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | |")
+    return lines
 
 
 def table(name: str, medians: dict[str, float], tokens: int, shape: str) -> list[str]:
@@ -143,40 +258,23 @@ def table(name: str, medians: dict[str, float], tokens: int, shape: str) -> list
 
 
 def checks(profilers: dict, tokens: int, passes: int) -> list[str]:
-    """Sanity lines: every profiler counted every token once per pass; the compiled and fp32 variants count
-    the same as the default."""
+    """Sanity lines: every profiler counted every token once per pass, and variants of one rule, score mode,
+    scorer and neuron setting (eager, compiled, before, candidates) counted exactly the same."""
     lines = []
     counted = {label: int(p.tokens.sum()) for label, p in profilers.items()}
     lines.append(f"- every profiler counted {tokens} tokens x {passes} passes: "
                  f"{'yes' if set(counted.values()) == {tokens * passes} else counted}")
-    default = profilers.get("topk 25%, sum, experts + neurons (default)")
-    if default is None:
-        return lines
+    groups: dict[tuple, list[str]] = {}
     for label, p in profilers.items():
-        if "compiled" in label:
-            eager = next(q for other, q in profilers.items() if "compiled" not in other and "fp32" not in other
-                         and (q.rule, q.mode, q.neurons) == (p.rule, p.mode, p.neurons))
-            same = torch.equal(p.expert_counts, eager.expert_counts) and torch.equal(p.neuron_counts,
-                                                                                      eager.neuron_counts)
-            lines.append(f"- {label}: counts equal the eager variant's: {same}")
-        if "fp32" in label:
-            moved = (p.expert_counts - default.expert_counts).abs().sum().item()
-            total = default.expert_counts.sum().item()
-            lines.append(f"- expert counts of fp32 vs bf16-with-fp32-accumulation scores differ in {moved} of "
-                         f"{total} activations (summation order only)")
+        groups.setdefault((p.rule, p.mode, p.scorer, p.neurons), []).append(label)
+    for labels in groups.values():
+        first = profilers[labels[0]]
+        for label in labels[1:]:
+            p = profilers[label]
+            same = torch.equal(p.expert_counts, first.expert_counts) and torch.equal(p.neuron_counts,
+                                                                                      first.neuron_counts)
+            lines.append(f"- {label}: counts equal those of {labels[0]!r}: {same}")
     return lines
-
-
-def kernel_table(profiler: ExpertProfiler, batches, rows: int = 12) -> str:
-    """The CUDA kernels of one profiled pass, by total GPU time (to see where the profiler's cost goes)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as trace
-
-    with torch.no_grad(), profiler as prof, trace(activities=[ProfilerActivity.CUDA]) as tr:
-        for b in batches:
-            prof.count(b, 0)
-        torch.cuda.synchronize()
-    return tr.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
 
 
 def main() -> None:
@@ -189,12 +287,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     parser.add_argument("--paragraphs", type=int, default=16, help="embedded: paragraphs per language to sample")
     parser.add_argument("--batch-tokens", type=int, default=1024, help="embedded: tokens per batch")
-    parser.add_argument("--trace", action="store_true", help="CUDA: print the kernels of the counting variants")
+    parser.add_argument("--only", action="append", default=[],
+                        help="time only the variants whose label contains this (repeatable; the bare forward always)")
+    parser.add_argument("--trace", action="store_true",
+                        help="CUDA: torch.profiler kernel times of one pass per variant against the bare forward")
+    parser.add_argument("--ops", action="store_true", help="CUDA: time each step of one layer's counting alone")
+    parser.add_argument("--out", default=None, help="also write the tables into this folder")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
     runs = args.runs if args.runs is not None else (10 if device.type == "cuda" else 3)
+    bare = "bare decoder forward (no LM head)"
+    labels = [label for label in variants(device) if label == bare or not args.only
+              or any(part in label for part in args.only)]
 
     if args.shape == "embedded":
         builds = {alias: (lambda a=alias: embedded_model(a, args.paragraphs, args.batch_tokens))
@@ -207,22 +313,32 @@ def main() -> None:
              f"experts per layer (random partition); {warmup} warm-up and {runs} timed rounds, variants interleaved, "
              f"median of {'synchronised wall-clock' if device.type == 'cuda' else 'process CPU'} time. Load average "
              f"at start: {os.getloadavg()[0]:.1f}. {time.strftime('%Y-%m-%d')}.", ""]
+    suffix = f"{device.type}{'-' + args.shape if args.shape == 'llama-small' else ''}"
+    traces, ops = [], []
     for name, build in builds.items():
         model, batches = build()
+        batches = [b.to(device) for b in batches]
+        experts = random_experts(model, args.experts)
         tokens = sum(b.n_tokens for b in batches)
         shape = " + ".join(f"{b.input_ids.shape[0]}×{b.input_ids.shape[1]}" for b in batches)
-        medians, profilers, failed = measure(model, [b.to(device) for b in batches], device, args.experts, warmup,
-                                             runs)
+        medians, profilers, failed = measure(model, batches, device, experts, labels, warmup, runs)
         section = table(name, medians, tokens, f"batch {shape}") + [""] + checks(profilers, tokens, warmup + runs)
         section += [f"- {label}: failed ({why})" for label, why in failed.items()]
         print("\n".join(section), flush=True)
-        if args.trace and device.type == "cuda":
-            for label, prof in profilers.items():
-                if "topk 25%, sum, experts + neurons" in label and "fp32" not in label:
-                    print(f"\n{label}\n{kernel_table(prof, [b.to(device) for b in batches])}", flush=True)
         lines += section + [""]
+        if args.trace and device.type == "cuda":
+            with torch.no_grad():
+                kernels = {label: kernel_times(partial(run_variant, model, profilers, label, batches))
+                           for label in medians}
+            traces += trace_summary(f"{name}: kernels of one pass (batch {shape})", kernels, bare)
+        if args.ops and device.type == "cuda":
+            ops += op_times(model, experts, batches[0], medians[bare] / len(ffn_layers(model))) + [""]
         del model, profilers
-    write_table(f"profile-{device.type}{'-' + args.shape if args.shape == 'llama-small' else ''}", lines)
+    write_table(f"profile-{suffix}", lines, args.out)
+    for kind, extra in (("trace", traces), ("ops", ops)):
+        if extra:
+            title = f"# Profiling: {kind} on {machine_name(device)}, torch {torch.__version__}"
+            write_table(f"profile-{kind}-{suffix}", [title, ""] + extra, args.out)
 
 
 if __name__ == "__main__":

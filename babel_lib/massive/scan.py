@@ -85,26 +85,39 @@ def median_abs(h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tens
     flat = h.reshape(h.shape[0], -1)
     if index is None:
         return flat.abs().median(dim=1).values.float()
-    sample = flat.index_select(1, index).abs()
-    return sample.sort(dim=1).values[:, (index.numel() - 1) // 2].float()
+    return sample_median(flat.index_select(1, index))
+
+
+def sample_median(sample: torch.Tensor) -> torch.Tensor:
+    """The lower median of |sample| along the last axis, as float32 [...]: a sort, which on a GPU pays off when
+    many rows (a batch x every layer) go in one call."""
+    return sample.abs().sort(dim=-1).values[..., (sample.shape[-1] - 1) // 2].float()
+
+
+def top_rows(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of h [B, T, D] that can hold the k entries of largest |h| of each sequence: (positions [B, k'],
+    rows [B, k', D]) of the k' = min(k, T) tokens with the largest max |h| (each token ahead of such an entry's
+    token holds a distinct, at-least-as-large entry)."""
+    tokens = torch.linalg.vector_norm(h, ord=math.inf, dim=-1).topk(min(k, h.shape[1]), dim=1).indices
+    return tokens, h.gather(1, tokens[..., None].expand(-1, -1, h.shape[2]))
+
+
+def top_in_rows(tokens: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k entries of largest |h| among `top_rows`' rows [N, k', D]: (signed values, positions, dims), each
+    [N, k]; they lie among each row's k largest. N may stack several layers' sequences (one call per batch)."""
+    n, _, width = rows.shape
+    per_row = rows.abs().topk(min(k, width), dim=-1)  # [N, k', k_row]
+    k_row = per_row.indices.shape[-1]
+    best = per_row.values.reshape(n, -1).topk(min(k, tokens.shape[1] * k_row), dim=1).indices
+    slot, dims = best // k_row, per_row.indices.reshape(n, -1).gather(1, best)
+    values = rows.reshape(n, -1).gather(1, slot * width + dims)
+    return values.float(), tokens.gather(1, slot), dims
 
 
 def top_entries(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k entries of largest |h| per sequence of h [B, T, D]: (signed values, positions, dims), each [B, k].
-
-    Exact, and cheap on a GPU (only small top-k's): the k largest entries lie in the k tokens with the largest
-    max |h| (each token ahead of such an entry's token holds a distinct, at-least-as-large entry), and within
-    those tokens' rows among each row's k largest.
-    """
-    batch, seq, width = h.shape
-    tokens = torch.linalg.vector_norm(h, ord=math.inf, dim=-1).topk(min(k, seq), dim=1).indices  # [B, k_tok]
-    rows = h.gather(1, tokens[..., None].expand(-1, -1, width))  # [B, k_tok, D]
-    per_row = rows.abs().topk(min(k, width), dim=-1)  # [B, k_tok, k_row]
-    k_row = per_row.indices.shape[-1]
-    best = per_row.values.reshape(batch, -1).topk(min(k, tokens.shape[1] * k_row), dim=1).indices
-    slot, dims = best // k_row, per_row.indices.reshape(batch, -1).gather(1, best)
-    values = rows.reshape(batch, -1).gather(1, slot * width + dims)
-    return values.float(), tokens.gather(1, slot), dims
+    Exact, and cheap on a GPU (only small top-k's): `top_rows`, then `top_in_rows`."""
+    return top_in_rows(*top_rows(h, k), k)
 
 
 @dataclass
@@ -149,7 +162,11 @@ class Scan:
 
 
 class ResidualScan:
-    """Hooks on every block output that keep the scan statistics of each batch on the device."""
+    """Hooks on every block output that keep the scan statistics of each batch on the device.
+
+    Per layer a hook keeps only what needs the whole state h: the candidate rows of the top entries (`top_rows`)
+    and the median, or the median's sample; `end_batch` finds the top entries and sorts the samples of every
+    layer at once (few launches over L x B rows instead of many small ones per layer)."""
 
     def __init__(self, n_layers: int, top_k: int = 32, median_sample: int | None = None):
         if top_k < 3:
@@ -168,15 +185,23 @@ class ResidualScan:
             key = (h.shape[1] * h.shape[2], h.shape[2])
             if key not in self._index:
                 self._index[key] = sample_index(*key, self.median_sample, h.device)
-            self._layer[layer] = (*top_entries(h, self.top_k), median_abs(h, self._index[key]))
+            index = self._index[key]
+            median = median_abs(h) if index is None else h.reshape(h.shape[0], -1).index_select(1, index)
+            self._layer[layer] = (*top_rows(h, self.top_k), median)
         return observe
 
     def end_batch(self) -> None:
-        """Stack this batch's layers into [B, L, ...] tensors, still on the device."""
+        """This batch's top entries and medians of every layer as [B, L, ...] tensors, still on the device."""
         if sorted(self._layer) != list(range(self.n_layers)):
             raise BabelError("the scan saw only some layers of the batch; run the whole decoder under its hooks")
-        per_layer = [self._layer[layer] for layer in range(self.n_layers)]
-        self._batches.append(tuple(torch.stack(parts, dim=1) for parts in zip(*per_layer)))
+        tokens, rows, median = (torch.stack(part) for part in zip(*(self._layer[l] for l in range(self.n_layers))))
+        n_layers, batch = tokens.shape[:2]  # [L, B, ...]
+        found = top_in_rows(tokens.flatten(0, 1), rows.flatten(0, 1), self.top_k)
+        found = [part.view(n_layers, batch, -1).transpose(0, 1) for part in found]
+        if median.dim() == 3:  # [L, B, sample]: every layer's sample sorted in one call
+            median = sample_median(median)
+        median = median.T  # [B, L]
+        self._batches.append((*found, median))
         self._layer = {}
 
     def result(self, ids: torch.Tensor, rows: Sequence[int] | None = None) -> Scan:

@@ -120,6 +120,21 @@ def test_scan_statistics_match_brute_force(lm):
     assert torch.allclose(scan.median, flat.median(dim=2).values.T.float())
 
 
+@pytest.mark.parametrize("batch_size, top_k", [(2, 5), (3, 40)])
+def test_sampled_scan_matches_a_per_layer_reference(lm, batch_size, top_k):
+    """The scan with a sampled median (entries and median sorts batched over layers) equals, layer by layer and
+    sequence by sequence, the top entries of every |h| and the lower median of the sampled |h|."""
+    ids = token_windows(lm.tokenizer, [TEXT], seq_len=20, n_windows=5, add_bos=True)
+    hidden = residuals(lm.model, ids)  # [L, B, T, D]
+    index = sample_index(hidden.shape[2] * hidden.shape[3], hidden.shape[3], 97)
+    scan = scan_residuals(lm.model, ids, batch_size=batch_size, top_k=top_k, median_sample=97)
+    flat = hidden.flatten(2)  # [L, B, T * D]
+    top = flat.abs().topk(top_k, dim=2)
+    assert torch.equal(scan.values, flat.gather(2, top.indices).permute(1, 0, 2).float())
+    assert torch.equal(scan.positions * hidden.shape[-1] + scan.dims, top.indices.permute(1, 0, 2))
+    assert torch.equal(scan.median, flat[..., index].abs().median(dim=2).values.T.float())
+
+
 def test_scan_observes_without_changing_the_model(lm):
     ids = token_windows(lm.tokenizer, [TEXT], seq_len=16, n_windows=2, add_bos=True)
     from babel_lib.massive.scan import ResidualScan
