@@ -61,6 +61,8 @@ def variants(device: torch.device) -> dict[str, dict]:
     rows["candidate: experts + neurons, compiled, k-th by rank count"] = {"compile": True, "kth": "rank"}
     rows["candidate: experts + neurons, compiled max-autotune-no-cudagraphs"] = {
         "compile": "max-autotune-no-cudagraphs"}
+    rows["candidate: experts + neurons, one Triton pass over a (scores + neuron counts), compiled sort"] = {
+        "fused": True}
     rows["threshold > 0, sum, experts + neurons, compiled counting"] = {"rule": "threshold", "compile": True}
     return rows
 
@@ -159,9 +161,19 @@ def random_experts(model, n_experts: int) -> ExpertMap:
 def measure(model, batches, device, experts: ExpertMap, labels: list[str], warmup: int, runs: int):
     """Median seconds per pass over `batches` for every variant, and the profilers (for count checks)."""
     settings = variants(device)
-    profilers = {label: Variant(model, experts, **settings[label]) for label in labels if settings[label] is not None}
-    seconds = {label: [] for label in labels}
-    failed = {}  # a variant that cannot run here (e.g. torch.compile without a working compiler) is reported
+    profilers, failed = {}, {}  # a variant that cannot run here (no compiler, no Triton) is reported
+    for label in labels:
+        setting = dict(settings[label] or {})
+        try:
+            if setting.pop("fused", False):
+                from benchmarks.fused import FusedProfiler
+
+                profilers[label] = FusedProfiler(model, experts, compile=True, **setting)
+            elif settings[label] is not None:
+                profilers[label] = Variant(model, experts, **setting)
+        except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others
+            failed[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    seconds = {label: [] for label in labels if label not in failed}
     for round_ in range(warmup + runs):
         for label in [label for label in seconds if label not in failed]:
             try:
@@ -236,11 +248,24 @@ def op_times(model, experts: ExpertMap, batch: Batch, bare_layer_s: float, ratio
         "tally, compiled (candidate: rank count)": lambda: compiled["rank"](scores, a, mask, "topk", k, 0.0, True),
         "two counter updates (+= into int64 rows)": lambda: (counters[0].add_(counters[1]), counters[1].add_(1)),
     }
+    try:
+        from benchmarks.fused import scores_and_positives
+
+        labels = experts.layer_labels(0, a.device)
+        for bm, bk, warps, stages in ((64, 32, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 8, 5), (128, 32, 8, 3)):
+            steps[f"candidate: one Triton pass, scores + neuron counts (BM {bm}, BK {bk}, {warps} warps, "
+                  f"{stages} stages)"] = partial(scores_and_positives, a, labels, mask, experts.n_experts, bm, bk,
+                                                 warps, stages)
+    except ImportError as err:
+        steps[f"candidate: one Triton pass (not run: {err})"] = None
     bare = 1e6 * bare_layer_s
     lines = [(f"### One layer's counting, step by step ({a.shape[0]} tokens x d_ff {a.shape[1]}, "
               f"{experts.n_experts} experts, k = {k}; bare forward {bare:,.0f} µs per layer)"), "",
              "| step | µs | % of a bare layer |", "| --- | --- | --- |"]
     for name, fn in steps.items():
+        if fn is None:
+            lines.append(f"| {name} | | |")
+            continue
         try:
             micros = cuda_micros(fn, reps)
             lines.append(f"| {name} | {micros:,.1f} | {100 * micros / bare:.2f}% |")
@@ -273,7 +298,9 @@ def checks(profilers: dict, tokens: int, passes: int) -> list[str]:
             p = profilers[label]
             same = torch.equal(p.expert_counts, first.expert_counts) and torch.equal(p.neuron_counts,
                                                                                       first.neuron_counts)
-            lines.append(f"- {label}: counts equal those of {labels[0]!r}: {same}")
+            moved = int((p.expert_counts - first.expert_counts).abs().sum())
+            lines.append(f"- {label}: counts equal those of {labels[0]!r}: {same} ({moved} of "
+                         f"{int(first.expert_counts.sum())} expert activations differ)")
     return lines
 
 
