@@ -157,9 +157,16 @@ class RankZeroStore(ArtefactStore):
         return path
 
     def cached(self, kind, params, compute):
-        out = super().cached(kind, params, compute)
+        """As ArtefactStore.cached, with rank 0's view of whether the artefact exists sent to every rank: a rank
+        that looked only after rank 0 had written it would skip the compute (and its collectives) alone."""
+        found = [self.exists(kind, params)]
+        if active():
+            dist.broadcast_object_list(found, src=0)
+        if not found[0]:
+            tensors, meta = compute()
+            self.save(kind, params, tensors, meta)
         self.used.append(self.paths(kind, params)[0])
-        return out
+        return self.load(kind, params)
 
 
 def _setup(notebook: str, profile: str, model: str):
@@ -199,6 +206,7 @@ def profile_run(profile: str, model: str = "") -> list[Path]:
         del lm, part
     if rank() == 0:
         profiler.save_index(P.artefacts, P.run, profiles)  # what notebooks 02 (explorer) and 05 look models up in
+    barrier()  # a `perplexity` run next reads the index on every rank
     return store.used
 
 
