@@ -12,7 +12,9 @@ G=$PWD/.gpu
 export PYTHONPATH=$G/site JUPYTER_PATH=$G/share/jupyter
 if [ ! -f $G/.setup-done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $G/site "$wheels"/*.whl
-  mkdir -p $G/bin && ln -sf "$(command -v python3)" $G/bin/python && ln -sf $G/site/bin/* $G/bin/
+  mkdir -p $G/bin && ln -sf $G/site/bin/* $G/bin/
+  # a wrapper, not a link: a venv's python finds its site-packages only when called by its own path
+  printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > $G/bin/python && chmod +x $G/bin/python
   python3 -m ipykernel install --prefix $G --name babel --display-name babel >/dev/null
   touch $G/.setup-done
 fi
