@@ -46,7 +46,7 @@ from babel_lib.core.models import load_model
 from babel_lib.core.verdicts import save_verdicts, verdict_table
 from babel_lib.massive import verdicts
 from babel_lib.massive.attention import AttentionParams, attention
-from babel_lib.massive.bias import implicit_bias
+from babel_lib.massive.bias import ImplicitBias, implicit_bias
 from babel_lib.massive.constancy import across_languages, constancy
 from babel_lib.massive.intervene import InterventionParams, interventions
 from babel_lib.massive.locate import CriterionParams, find
@@ -260,7 +260,8 @@ print("\n".join(line for result in attended.values() for line in result.findings
 biases = {name: implicit_bias(lm, P.typed(AttentionParams), located[own[name]]) for name, lm in models.items()}
 biases = {name: result for name, result in biases.items() if result is not None}
 print("\n".join(line for result in biases.values() for line in result.findings()))
-pd.DataFrame([row for result in biases.values() for row in result.rows()]).set_index(["model", "layer"])
+pd.DataFrame([row for result in biases.values() for row in result.rows()],
+             columns=ImplicitBias.COLUMNS).set_index(["model", "layer"])
 
 # %% [markdown]
 # ## Verdicts

@@ -1,9 +1,11 @@
 """Figure output: every figure as interactive HTML and a PNG, captioned, and listed in a manifest.
 
 PNGs are rendered by kaleido through the system Chromium; one browser is started on the first PNG and
-reused (about 0.4 s a figure after a ~6 s start). The manifest (<figures>/manifest.json) says which
-notebook and which parameters made each figure. Under `make` (scripts/run_notebook.py) figures are staged and
-published only when their notebook succeeds, so a failed notebook leaves no figure and no manifest entry.
+reused (about 0.4 s a figure after a ~6 s start). Where kaleido or Chromium is missing (a GPU server, say) the
+HTML figures are still written, PNGs are skipped (the manifest's "png" is null) and that is said once.
+The manifest (<figures>/manifest.json) says which notebook and which parameters made each figure. Under `make`
+(scripts/run_notebook.py) figures are staged and published only when their notebook succeeds, so a failed
+notebook leaves no figure and no manifest entry.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import atexit
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -19,28 +22,51 @@ from pathlib import Path
 from typing import Any
 
 from babel_lib.core.artefacts import atomic_path, remove_stale_temps, write_json
-from babel_lib.errors import BabelError
 
 STAGING = "BABEL_FIGURE_STAGING"  # environment variable: the folder figures are staged in until publish()
-_SERVER: list[bool] = []  # holds True once the kaleido browser is up (process-wide resource, stopped at exit)
+_SERVER: list[bool] = []  # [True] once the kaleido browser is up, [False] once PNGs are known impossible here
+NO_PNG = ("figures: PNG export skipped ({why}); the HTML figures are written. For PNGs install Chromium "
+          "(`sudo apt-get install chromium`, or set BROWSER_PATH to a Chrome/Chromium binary) and kaleido.")
 
 
-def _png(fig, path: Path, width: int, height: int) -> None:
-    import kaleido
+def _no_browser(err: BaseException) -> bool:
+    """Whether `err` says that no Chrome/Chromium could be found or started (not a bug in the figure)."""
+    return type(err).__name__ in ("ChromeNotFoundError", "BrowserFailedError", "BrowserDepsError") or \
+        "requires Google Chrome" in str(err)
 
+
+def _skip_png(why: str) -> bool:
+    print(NO_PNG.format(why=why), file=sys.stderr, flush=True)
+    _SERVER[:] = [False]
+    return False
+
+
+def _png(fig, path: Path, width: int, height: int) -> bool:
+    """Write the PNG; False (said once per process) where kaleido or a browser is missing."""
+    if _SERVER == [False]:
+        return False
+    try:
+        import kaleido
+    except ImportError:
+        return _skip_png("kaleido is not installed")
     if not _SERVER:
-        kaleido.start_sync_server(silence_warnings=True)
+        try:
+            kaleido.start_sync_server(silence_warnings=True)
+        except Exception as err:  # noqa: BLE001 - only a missing browser is skipped, anything else is raised
+            if _no_browser(err):
+                return _skip_png("no Chrome/Chromium found")
+            raise
         atexit.register(kaleido.stop_sync_server, silence_warnings=True)
-        _SERVER.append(True)
+        _SERVER[:] = [True]
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The kopts argument is ignored")
         try:
             fig.write_image(str(tmp), format="png", width=width, height=height)
-        except RuntimeError as err:
-            if "requires Google Chrome" in str(err):
-                raise BabelError("PNG export needs Chromium: `sudo apt-get install chromium` (Debian/Ubuntu) or set "
-                                 "BROWSER_PATH to a Chrome/Chromium binary") from None
+        except Exception as err:  # noqa: BLE001 - as above
+            if _no_browser(err):
+                return _skip_png("no Chrome/Chromium found")
             raise
+    return True
 
 
 def caption(P: Mapping[str, Any], model: str | None = None, **details: Any) -> str:
@@ -73,9 +99,9 @@ def save_figure(fig, name: str, P: Mapping[str, Any], caption_text: str, *, widt
     html, png = folder / f"{name}.html", folder / f"{name}.png"
     with atomic_path(html) as tmp:
         fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True)  # puts plotly.min.js beside it
-    _png(fig, png, width, height)
+    wrote_png = _png(fig, png, width, height)
     entry = {"notebook": P["notebook"], "name": name, "title": title, "caption": caption_text,
-             "html": str(html.relative_to(root)), "png": str(png.relative_to(root)),
+             "html": str(html.relative_to(root)), "png": str(png.relative_to(root)) if wrote_png else None,
              "params": {k: v for k, v in P.items() if k not in ("figures", "artefacts")},
              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if staging:
@@ -84,7 +110,7 @@ def save_figure(fig, name: str, P: Mapping[str, Any], caption_text: str, *, widt
         write_json(root / "staged.json", record)
     else:
         _merge_manifest(Path(P["figures"]), {f"{P['notebook']}/{name}": entry})
-    return {"html": str(html), "png": str(png)}
+    return {"html": str(html), "png": str(png) if wrote_png else None}
 
 
 def _read_manifest(path: Path, empty: dict) -> dict:

@@ -2,9 +2,12 @@
 
 Names look like `tiny:llama` or `tiny:llama:1` (the seed). Tests and the smoke profile use them; the
 tokenizer is byte-level with <pad>, <bos> and <eos>, and adds <bos> like LLaMA's does.
+`python -m babel_lib.core.tiny llama2-7b FOLDER` saves a random model of a real shape as a Hugging Face folder.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -70,3 +73,43 @@ def tiny_model(name: str, attn_implementation: str | None = None):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
     return model, byte_tokenizer()
+
+
+SHAPES = {  # LlamaConfig keywords of real model shapes, for random-weight runs at scale (timing, memory, paths)
+    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
+    "llama-small": {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512},
+}
+
+
+def save_random(shape: str, folder: str | Path, dtype: str = "bfloat16", seed: int = 0,
+                device: str = "cpu") -> Path:
+    """Save a LLaMA model of a real `shape` with random weights and the byte tokenizer as a plain Hugging Face
+    folder (`from_pretrained` loads it; so does `MODEL=<folder>`): its findings are noise, its time and memory not."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if shape not in SHAPES:
+        raise BabelError(f"unknown shape {shape!r}; pick one of {', '.join(SHAPES)}")
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    config = LlamaConfig(**SHAPES[shape], **ids, max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m babel_lib.core.tiny",
+                                     description="save a random-weight model of a real shape as a Hugging Face folder")
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("folder")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cpu", help="where the weights are drawn (cuda is much faster at 7B)")
+    args = parser.parse_args()
+    print(save_random(args.shape, args.folder, args.dtype, device=args.device))

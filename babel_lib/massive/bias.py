@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,8 @@ class ImplicitBias:
     """Per layer: how constant the attention output's part from the massive-activation tokens is across queries
     and windows, against the rest of the attention output."""
 
+    COLUMNS: ClassVar[tuple[str, ...]] = ("model", "layer", "massive part", "rest", "reads it")  # of rows()
+
     model: str
     span: tuple[int, int]  # the target's layer range; layers first+1..last+1 read it
     massive: torch.Tensor  # [L] mean cosine to the mean vector of the part from the massive-activation tokens
@@ -84,8 +87,8 @@ class ImplicitBias:
 
     def rows(self) -> list[dict]:
         """One row per layer: the two parts' mean cosines, and whether the layer reads the massive activation."""
-        return [{"model": self.model, "layer": layer, "massive part": float(m), "rest": float(r),
-                 "reads it": layer in self.layers()} for layer, (m, r) in enumerate(zip(self.massive, self.rest))]
+        return [dict(zip(self.COLUMNS, (self.model, layer, float(m), float(r), layer in self.layers())))
+                for layer, (m, r) in enumerate(zip(self.massive, self.rest))]
 
     def findings(self) -> list[str]:
         shown = list(self.layers())

@@ -13,6 +13,16 @@ LINES = (("top-1", "#d62728"), ("top-2", "#ff7f0e"), ("top-3", "#2ca02c"), ("med
 KIND_COLOURS = {"start": "#d62728", "delimiter": "#1f77b4", "other": "#7f7f7f"}
 
 
+def _nothing_found(title: str) -> go.Figure:
+    """The figure for a run where no model has a massive activation (a random-weight model, say): the title and a
+    note instead of empty panels."""
+    fig = go.Figure()
+    fig.add_annotation(text="no model in this run has a massive activation: nothing to plot (see the findings)",
+                       x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font={"size": 16})
+    fig.update_layout(title=title, xaxis={"visible": False}, yaxis={"visible": False})
+    return fig
+
+
 def _band(fig, x, low, high, colour, row, col):
     fig.add_trace(go.Scatter(x=x + x[::-1], y=high + low[::-1], fill="toself", fillcolor=colour, opacity=0.15,
                              line={"width": 0}, hoverinfo="skip", showlegend=False), row=row, col=col)
@@ -56,6 +66,9 @@ def constancy_figure(rows: Mapping[str, Sequence[Mapping]]) -> go.Figure:
 
     rows[model] = [{"dim", "kind", "layer", "mean", "std", ...}, ...].
     """
+    title = "Value of each massive activation across sequences (mean ± std)"
+    if not rows:
+        return _nothing_found(title)
     fig = make_subplots(rows=1, cols=len(rows), subplot_titles=list(rows))
     for col, (model, items) in enumerate(rows.items(), start=1):
         for kind in KIND_COLOURS:
@@ -66,7 +79,7 @@ def constancy_figure(rows: Mapping[str, Sequence[Mapping]]) -> go.Figure:
                                      legendgroup=kind, showlegend=col == 1, marker_color=KIND_COLOURS[kind]),
                               row=1, col=col)
     fig.update_yaxes(title_text="value (mean ± std over sequences)", row=1, col=1)
-    fig.update_layout(title="Value of each massive activation across sequences (mean ± std)", barmode="group")
+    fig.update_layout(title=title, barmode="group")
     return fig
 
 
@@ -75,13 +88,16 @@ def language_figure(values: Mapping[str, Mapping[str, torch.Tensor]], labels: Ma
 
     values[model][language] = 1-D values; labels[model] names the activation (dim, kind, layer).
     """
+    title = "Value of the largest massive activation per language"
+    if not values:
+        return _nothing_found(title)
     fig = make_subplots(rows=len(values), cols=1, subplot_titles=[f"{m}: {labels[m]}" for m in values])
     for row, (model, per_lang) in enumerate(values.items(), start=1):
         for lang, vals in per_lang.items():
             fig.add_trace(go.Box(y=vals.tolist(), name=lang, boxpoints="all", jitter=0.3, showlegend=False,
                                  marker_color="#1f77b4"), row=row, col=1)
         fig.update_yaxes(title_text="value", row=row, col=1)
-    fig.update_layout(title="Value of the largest massive activation per language")
+    fig.update_layout(title=title)
     return fig
 
 
@@ -90,6 +106,9 @@ def perplexity_figure(ppl: Mapping[str, Mapping[str, Mapping[str, float]]]) -> g
 
     ppl[model][condition][language] = perplexity (inf drawn at the top of the panel).
     """
+    title = "Perplexity when massive activations are zeroed or set to their mean"
+    if not ppl:
+        return _nothing_found(title)
     palette = ["#2ca02c", "#d62728", "#1f77b4", "#8c564b", "#9467bd", "#7f7f7f"]
     fig = make_subplots(rows=len(ppl), cols=1, subplot_titles=list(ppl))
     for row, (model, conditions) in enumerate(ppl.items(), start=1):
@@ -100,7 +119,7 @@ def perplexity_figure(ppl: Mapping[str, Mapping[str, Mapping[str, float]]]) -> g
                                  legendgroup=condition, showlegend=row == 1, marker_color=palette[i % len(palette)],
                                  hovertext=[f"{v:.4g}" for v in per.values()]), row=row, col=1)
         fig.update_yaxes(type="log", title_text="perplexity", row=row, col=1)
-    fig.update_layout(title="Perplexity when massive activations are zeroed or set to their mean", barmode="group")
+    fig.update_layout(title=title, barmode="group")
     return fig
 
 
@@ -110,6 +129,10 @@ def attention_heatmaps(maps: Mapping[str, Mapping[int, torch.Tensor]],
 
     maps[model][layer] = [T, T]; tokens[model] labels the axes.
     """
+    title = ("Head-averaged attention of the prompt at the layer where the largest massive activation appears "
+             "and the next")
+    if not maps:
+        return _nothing_found(title)
     models = list(maps)
     titles = [f"{m} · layer {layer}" for m in models for layer in maps[m]]
     fig = make_subplots(rows=len(models), cols=2, subplot_titles=titles, horizontal_spacing=0.12)
@@ -120,8 +143,7 @@ def attention_heatmaps(maps: Mapping[str, Mapping[int, torch.Tensor]],
                                      showscale=row == 1 and col == 2), row=row, col=col)
             fig.update_yaxes(autorange="reversed", title_text="query" if col == 1 else None, row=row, col=col)
             fig.update_xaxes(title_text="key", row=row, col=col)
-    fig.update_layout(title="Head-averaged attention of the prompt at the layer where the largest massive activation "
-                            "appears and the next")
+    fig.update_layout(title=title)
     return fig
 
 
@@ -133,6 +155,9 @@ def attention_mass_figure(mass: Mapping[str, torch.Tensor], baseline: Mapping[st
 
     mass[model] = [N, L]; baseline[model] = float; spans[model] = (first layer, last layer) of the activation.
     """
+    title = "Share of attention on the massive-activation tokens per layer"
+    if not mass:
+        return _nothing_found(title)
     fig = make_subplots(rows=1, cols=len(mass), subplot_titles=list(mass), shared_yaxes=True)
     for col, (model, values) in enumerate(mass.items(), start=1):
         x = list(range(values.shape[1]))
@@ -147,5 +172,5 @@ def attention_mass_figure(mass: Mapping[str, torch.Tensor], baseline: Mapping[st
                       layer="below", line_width=0, row=1, col=col)
         fig.update_xaxes(title_text="layer (shaded: its input carries the massive activation)", row=1, col=col)
     fig.update_yaxes(title_text="share of attention on massive-activation tokens", range=[0, 1], row=1, col=1)
-    fig.update_layout(title="Share of attention on the massive-activation tokens per layer")
+    fig.update_layout(title=title)
     return fig

@@ -148,3 +148,26 @@ def test_figures_are_written_with_caption_and_manifest(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["01_convert/bars"]["params"]["n_experts"] == P["n_experts"] and out["png"].endswith("bars.png")
+
+
+def test_without_a_browser_figures_keep_their_html_and_say_once_that_pngs_were_skipped(tmp_path, monkeypatch, capsys):
+    import kaleido
+
+    from babel_lib.core import figures
+
+    class ChromeNotFoundError(RuntimeError):  # what choreographer raises when it finds no Chrome/Chromium
+        pass
+
+    def no_chrome(**_):
+        raise ChromeNotFoundError("no browser")
+
+    monkeypatch.setattr(figures, "_SERVER", [])
+    monkeypatch.setattr(kaleido, "start_sync_server", no_chrome)
+    P = config.Params(config.notebook_params("01_convert", "smoke") | {"figures": str(tmp_path)})
+    outs = [figures.save_figure(go.Figure(go.Bar(x=["a"], y=[i])), f"bars{i}", P, "caption") for i in range(2)]
+    assert [o["png"] for o in outs] == [None, None]
+    assert all((tmp_path / "01_convert" / f"bars{i}.html").exists() for i in range(2))
+    assert not list(tmp_path.rglob("*.png"))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["01_convert/bars1"]["png"] is None
+    assert capsys.readouterr().err.count("PNG export skipped (no Chrome/Chromium found)") == 1

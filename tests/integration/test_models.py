@@ -126,3 +126,18 @@ def test_misspelt_alias_fails_before_any_hub_call(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_hub)
     with pytest.raises(BabelError, match=r"unknown model 'gemma-3-27m' \(did you mean 'gemma-3-270m'\?\)"):
         load_model("gemma-3-27m", device="cpu")
+
+
+def test_a_random_model_of_a_real_shape_saves_as_a_plain_hub_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from babel_lib.core.tiny import SHAPES, save_random
+
+    folder = save_random("llama-small", tmp_path / "small", dtype="float32", seed=1)
+    plain = AutoModelForCausalLM.from_pretrained(folder)  # no babel code needed
+    lm = load_model(str(folder), device="cpu", dtype="float32")
+    assert plain.config.intermediate_size == SHAPES["llama-small"]["intermediate_size"]
+    ids = lm.tokenizer(["a b c"], return_tensors="pt").input_ids
+    assert ids[0, 0].item() == 1 and torch.equal(plain(ids).logits, lm.model(ids).logits)
+    with pytest.raises(BabelError, match="unknown shape 'llama-70b'"):
+        save_random("llama-70b", tmp_path / "x")
