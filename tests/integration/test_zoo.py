@@ -208,6 +208,36 @@ def test_an_epoch_too_short_for_the_run_is_refused(data):
         zoo_data.epoch_order(data.train, spec, torch.Generator())
 
 
+def test_a_pretraining_shard_folder_feeds_the_zoo(tmp_path, monkeypatch):
+    """The seam to the pretraining corpus: its reader's splits (here a stand-in for babel_lib.data.pretrain) of
+    the shards present in the folder become the zoo's streams, checked against the manifest recorded at prepare."""
+    import sys
+    import types
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    splits = {"train": np.arange(4000, dtype=np.uint16) % 300, "heldout": np.arange(900, dtype=np.uint16) % 290}
+    manifest = {"tokenizer": {"vocab": 300, "eos_id": 0, "sha256": "t" * 64}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    reader = types.ModuleType("babel_lib.data.pretrain")
+    reader.present_shards = lambda where, split: [f"{split}-000.u16.xz"]
+    reader.load_tokens = lambda where, split, shards: splits[split] if shards == [f"{split}-000.u16.xz"] else None
+    monkeypatch.setitem(sys.modules, "babel_lib.data.pretrain", reader)
+    monkeypatch.setattr(zoo_data, "ROOT", tmp_path)
+    out = zoo_data.prepare(small_spec(corpus="shards"), tmp_path / "data")
+    meta = json.loads((out / "spec.json").read_text())
+    assert meta["files"]["train"]["files"] == ["train-000.u16.xz"] and meta["files"]["heldout"]["tokens"] == 900
+    assert meta["tokenizer_sha256"] == "t" * 64 and meta["vocab"] == 300
+    data = zoo_data.load_data(out)
+    assert torch.equal(data.train, torch.from_numpy(splits["train"].astype(np.int64)))
+    assert torch.equal(data.heldout, torch.from_numpy(splits["heldout"].astype(np.int64)))
+    (folder / "manifest.json").write_text(json.dumps(manifest | {"rebuilt": True}))
+    with pytest.raises(BabelError, match="pretraining shards shards are missing or changed"):
+        zoo_data.load_data(out)
+    with pytest.raises(BabelError, match="has 300 tokens but zoo vocab_size is 512"):
+        zoo_data.prepare(small_spec(corpus="shards", vocab_size=512), tmp_path / "other")
+
+
 # --- training, measuring, resuming, the table ----------------------------------------------------------------
 
 

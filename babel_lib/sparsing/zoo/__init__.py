@@ -22,7 +22,7 @@ Three steps, one CLI (`python -m babel_lib.sparsing.zoo prepare|family|train|tab
 Design. Models are LLaMA-style (RMSNorm, RoPE, gated FFN with the activation on the gate as in the paper's
 models, no biases, tied embeddings, d_ff = 8/3 width) with ReLU or SiLU; "parameters" counts non-embedding
 parameters, as the paper does. The default family has three scales at width/depth 32 and four width/depth
-ratios at ~0.35M parameters, 3 seeds each, sized so that one epoch gives every run >= 50 tokens per parameter.
+ratios at ~0.2M parameters, 3 seeds each, sized so that one epoch gives every run >= 50 tokens per parameter.
 ReLU and SiLU of one shape and seed share initial weights and data order, so they differ only in the
 activation. The learning rate is constant after the warmup, so every checkpoint is in the stable phase. As the
 paper, one CETT value per run is bisected on the mean perplexity ratio of its last checkpoints and applied to

@@ -111,39 +111,48 @@ def prepare(spec: ZooSpec, out: Path, profile: str = "", force: bool = False) ->
     return out
 
 
-def _pretrain_reader():
-    """The pretraining corpus's reader `load_tokens(folder, split) -> uint16 array` (its own module checks the
-    shards' sha256); a clear error where this checkout lacks it."""
+def _pretrain_tokens(folder: Path, split: str, shards: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """A split of a pretraining corpus (`babel_lib.data.pretrain`, which checks every shard's sha256): the uint16 ids
+    of `shards`, by default of those present in `folder` (a GPU call may carry only some), and their names."""
     try:
-        from babel_lib.data.pretrain import load_tokens
+        from babel_lib.data.pretrain import load_tokens, present_shards
     except ImportError:
         raise BabelError("the zoo corpus is a pretraining shard folder but this checkout has no reader for it "
                          "(babel_lib/data/pretrain.py); set zoo corpus: libreoffice, or add the pretraining corpus") from None
-    return load_tokens
+    shards = present_shards(folder, split) if shards is None else shards
+    if not shards:
+        raise BabelError(f"no {split} shard of the pretraining corpus is in {folder}; carry some with its manifest")
+    return np.asarray(load_tokens(folder, split, shards), dtype=np.uint16), shards
 
 
 def _prepare_shards(spec: ZooSpec, out: Path, profile: str) -> Path:
-    """spec.json for a pretraining corpus: its shard folder (relative to the checkout), manifest sha256 and the
-    token count of each split; the shards stay where they are (a GPU command carries that folder)."""
+    """spec.json for a pretraining corpus: its shard folder (relative to the checkout), the shards present there,
+    the manifest's sha256 and the token count of each split; the shards stay where they are."""
     folder = ROOT / spec.corpus
     manifest = folder / "manifest.json"
     if not manifest.exists():
-        raise BabelError(f"zoo corpus {spec.corpus!r} has no manifest.json; build the pretraining corpus first or "
-                         "set zoo corpus: libreoffice")
-    load_tokens, info = _pretrain_reader(), json.loads(manifest.read_text())
-    files = {name: {"shards": spec.corpus, "split": name, "tokens": int(load_tokens(folder, name).size),
-                    "sha256": sha256_file(manifest)} for name in ("train", "heldout")}
+        raise BabelError(f"zoo corpus {spec.corpus!r} has no manifest.json; build the pretraining corpus first "
+                         "(make pretrain) or set zoo corpus: libreoffice")
+    files = {}
+    for split in ("train", "heldout"):
+        tokens, shards = _pretrain_tokens(folder, split)
+        files[split] = {"shards": spec.corpus, "split": split, "files": shards, "tokens": int(tokens.size),
+                        "sha256": sha256_file(manifest)}
+    tokenizer = json.loads(manifest.read_text())["tokenizer"]
+    if tokenizer["vocab"] != spec.vocab_size:
+        raise BabelError(f"the pretraining corpus's tokenizer has {tokenizer['vocab']} tokens but zoo vocab_size is "
+                         f"{spec.vocab_size}; rebuild the corpus (make pretrain) or set vocab_size to match")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "spec.json", {"key": params_key({"spec": asdict(spec), "manifest": files["train"]["sha256"]}),
-                                   "profile": profile, "spec": asdict(spec), "corpus_sha256": files["train"]["sha256"],
-                                   "vocab": spec.vocab_size, "eos_id": 0,
-                                   "tokenizer_sha256": info.get("tokenizer_sha256"), "files": files})
+    write_json(out / "spec.json", {"key": params_key({"spec": asdict(spec), "files": files}), "profile": profile,
+                                   "spec": asdict(spec), "corpus_sha256": files["train"]["sha256"],
+                                   "vocab": tokenizer["vocab"], "eos_id": tokenizer["eos_id"],
+                                   "tokenizer_sha256": tokenizer["sha256"], "files": files})
     return out
 
 
 def token_streams(directory: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
     """The train and held-out token ids of prepared data, as uint16 arrays: the .npy streams of the LibreOffice
-    corpus (sha256 checked here) or the splits of a pretraining corpus's shards (its reader checks them)."""
+    corpus (sha256 checked here) or the recorded shards of a pretraining corpus (its reader checks them)."""
     streams = {}
     for name, info in meta["files"].items():
         if "shards" in info:
@@ -151,7 +160,7 @@ def token_streams(directory: Path, meta: dict[str, Any]) -> dict[str, np.ndarray
             if not manifest.exists() or sha256_file(manifest) != info["sha256"]:
                 raise BabelError(f"pretraining shards {info['shards']} are missing or changed; carry that folder "
                                  f"or run `python -m babel_lib.sparsing.zoo prepare --profile {meta['profile'] or '<profile>'}`")
-            streams[name] = np.asarray(_pretrain_reader()(ROOT / info["shards"], info["split"]), dtype=np.uint16)
+            streams[name] = _pretrain_tokens(ROOT / info["shards"], info["split"], info["files"])[0]
             continue
         path = directory / info["file"]
         if not path.exists() or sha256_file(path) != info["sha256"]:

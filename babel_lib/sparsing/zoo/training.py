@@ -216,7 +216,7 @@ def train(directory: Path, out: Path, patterns: str | None = None, jobs: int = 1
 
     def report(run: Run, rows: list[dict]) -> None:
         last = rows[-1]
-        log(f"{run.name}: {run.params:,} params, {last['tokens']:,} tokens ({last['tokens_per_param']:.0f}/param); "
+        log(f"{run.name}: {run.params:,} params, {last['tokens']:,} tokens ({last['tokens_per_param']:.1f}/param); "
             f"dense loss {last['dense_loss']:.3f}, activation ratio {last['activation_ratio']:.3f} at the run's CETT "
             f"{last['cett']:.3f} ({last['own_activation_ratio']:.3f} at its own {last['own_cett']:.3f})")
 
