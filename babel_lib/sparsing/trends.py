@@ -6,6 +6,7 @@ ReLU's and SiLU's dense loss side by side, and the sentences that summarise them
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -53,21 +54,21 @@ class ScalingResult:
     def available(self) -> bool:
         return self.table is not None
 
-    @property
+    @cached_property
     def bands(self) -> pd.DataFrame:
         """`seed_bands` of the table: one row per activation, shape and checkpoint."""
         return seed_bands(self.table)
 
-    @property
+    @cached_property
     def band_fits(self) -> pd.DataFrame:
         """The paper's forms fitted to each shape's seed-mean curve (what the figure draws)."""
         return fit_runs(self.bands, unit=self.unit)
 
-    @property
+    @cached_property
     def curves(self) -> dict[str, PowerLaw]:
         return {row["run"]: fitted_curve(row, unit=self.unit) for _, row in self.band_fits.iterrows()}
 
-    @property
+    @cached_property
     def shapes(self) -> pd.DataFrame:
         """One row per activation and shape: the seeds' mean, min and max (`_lo`, `_hi`) of the last checkpoint's
         activation ratio (`last_ratio`), its per-checkpoint-c variant (`own_last`), the dense loss, the fitted
