@@ -220,8 +220,8 @@ zoo.shapes.round(4) if zoo.available else None
 
 # %%
 if zoo.available:
-    zoo_caption = dict(table=zoo.location, p="PPL-1%, one c per run (last 5 checkpoints) and c per checkpoint",
-                       spread="min–max over seeds")
+    zoo_caption = dict(table=zoo.location, p=f"PPL-1%, one c per run (its last {zoo.fixed_last} checkpoints) and c "
+                       "per checkpoint", spread="min–max over seeds")
     fig = tokens_figure(zoo.bands, zoo.band_fits, zoo.curves, zoo.unit, zoo.unit_name)
     save_figure(fig, "zoo_tokens", P, caption(P, "micro LLaMA family (make zoo), float32", **zoo_caption,
                                               fit="scipy curve_fit, paper's forms, on the seed means"),

@@ -152,9 +152,8 @@ def tokens_figure(bands: pd.DataFrame, fits: pd.DataFrame, curves: Mapping[str, 
                           row=1, col=col)
         fig.update_xaxes(title_text=f"training tokens ({unit_name})", type="log", row=1, col=col)
     fig.update_yaxes(title_text="activation ratio at PPL-p%", row=1, col=1)
-    fig.update_layout(title="Activation ratio over training tokens: one c per run (markers: mean, bars: min–max over "
-                            "seeds), c per checkpoint (dashed), the paper's forms fitted to the means "
-                            "(dotted: no limit A₀ identified)")
+    fig.update_layout(title="Activation ratio over training: one c per run (mean, min–max over seeds), c per checkpoint "
+                            "(dashed), fitted forms (dotted: no A₀)")
     return fig
 
 

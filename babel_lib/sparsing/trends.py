@@ -122,6 +122,11 @@ class ScalingResult:
         ours = self.fits.assign(source="ours", form=self.fits["activation"])
         return pd.concat([paper, ours[["source", "run", "form", "alpha", "b", "c", "a0", "rmse"]]], ignore_index=True)
 
+    @property
+    def fixed_last(self) -> int:
+        """How many last checkpoints each run's one c was bisected on."""
+        return int(self.table.groupby("run")["in_fixed_c"].sum().max())
+
     def note(self) -> str:
         """The family in one parenthesis, for verdicts: runs, seeds, epochs, tokens per parameter, protocol."""
         shapes, table = self.shapes, self.table
@@ -129,7 +134,7 @@ class ScalingResult:
                 f"{table['activation'].nunique()} activations × {int(shapes['seeds'].max())} seeds, "
                 f"{table['epochs'].max():.2f} epoch, {shapes['tokens_per_param'].min():.0f}-"
                 f"{shapes['tokens_per_param'].max():.0f} tokens/parameter; one c per run bisected on its last "
-                f"{int(table.groupby('run')['in_fixed_c'].sum().max())} checkpoints; spread = min–max over seeds")
+                f"{self.fixed_last} checkpoints; spread = min–max over seeds")
 
     def findings(self) -> list[str]:
         if not self.available:
