@@ -69,11 +69,11 @@ $(BUILD)/%.ipynb: notebooks/%.py $(LIB) configs/$(PROFILE).yaml | models
 $(BUILD)/02_profile.ipynb: $(BUILD)/01_convert.ipynb
 $(BUILD)/05_prune.ipynb: $(BUILD)/02_profile.ipynb
 
-## zoo: the micro ReLU/SiLU family trained on the corpus -> data/zoo/zoo.csv + PROVENANCE.json (needs CUDA);
+## zoo: the micro ReLU/SiLU family, one epoch of the pretraining corpus -> data/zoo/zoo.csv + PROVENANCE.json (needs CUDA);
 ##      PROFILE=smoke trains a toy family on the CPU into build/smoke/zoo/
 # the library says where a profile's table is (before setup too: `where` needs only the standard library)
 ZOO_TABLE := $(shell $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m babel_lib.sparsing.zoo where --profile $(PROFILE))
-ZOO_JOBS ?= $(if $(filter smoke,$(PROFILE)),1,4)
+ZOO_JOBS ?= $(if $(filter smoke,$(PROFILE)),1,12)
 zoo: setup
 	$(PY) -m babel_lib.sparsing.zoo prepare --profile $(PROFILE)
 	$(PY) -m babel_lib.sparsing.zoo train --profile $(PROFILE) --jobs $(ZOO_JOBS)

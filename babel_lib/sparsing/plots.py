@@ -119,51 +119,83 @@ def _palette(i: int) -> str:
     return colours[i % len(colours)]
 
 
-def tokens_figure(table: pd.DataFrame, fits: pd.DataFrame, curves: Mapping[str, PowerLaw], unit: float,
+def _band(values: pd.DataFrame, column: str) -> dict:
+    """Plotly error bars from a band's `_lo`/`_hi` columns around its mean (none where the table has no seeds)."""
+    if f"{column}_lo" not in values:
+        return {"visible": False}
+    return {"type": "data", "symmetric": False, "array": values[f"{column}_hi"] - values[column],
+            "arrayminus": values[column] - values[f"{column}_lo"], "thickness": 1, "width": 3}
+
+
+def tokens_figure(bands: pd.DataFrame, fits: pd.DataFrame, curves: Mapping[str, PowerLaw], unit: float,
                   unit_name: str) -> go.Figure:
-    """Activation ratio over training tokens per run (markers) with its fitted power law: a solid line where
-    the fit identifies a limit A₀, dotted where it does not (scaling.fit_runs); ReLU | SiLU."""
+    """Activation ratio over training tokens per series (trends.seed_bands: mean with min–max over seeds as error
+    bars), the per-checkpoint-c variant dashed where the table has it, and the power law fitted to the means: solid
+    where the fit identifies a limit A₀, dotted where it does not (scaling.fit_runs); ReLU | SiLU."""
     forms = [f for f in ("relu", "silu") if f in set(fits["activation"])]
     fig = make_subplots(rows=1, cols=len(forms), subplot_titles=[f"{FORM_NAME[f]} runs" for f in forms])
     for col, form in enumerate(forms, start=1):
         runs = fits[fits["activation"] == form].sort_values(["params", "width_depth"])
         for i, (run, identified) in enumerate(zip(runs["run"], runs["a0_identified"])):
-            data = table[table["run"] == run].sort_values("tokens")
-            colour = _palette(i)
-            fig.add_trace(go.Scatter(x=data["tokens"] / unit, y=data["activation_ratio"], mode="markers", name=run,
-                                     legendgroup=run, marker={"color": colour}), row=1, col=col)
+            data = bands[bands["run"] == run].sort_values("tokens")
+            colour, x = _palette(i), data["tokens"] / unit
+            fig.add_trace(go.Scatter(x=x, y=data["activation_ratio"], mode="markers", name=run, legendgroup=run,
+                                     marker={"color": colour}, error_y=_band(data, "activation_ratio")), row=1, col=col)
+            if "own_activation_ratio" in data:
+                fig.add_trace(go.Scatter(x=x, y=data["own_activation_ratio"], mode="lines+markers", legendgroup=run,
+                                         name=f"{run}, c per checkpoint", showlegend=False,
+                                         marker={"color": colour, "symbol": "circle-open"},
+                                         line={"color": colour, "dash": "dash", "width": 1}), row=1, col=col)
             grid = np.geomspace(data["tokens"].min(), data["tokens"].max(), 100)  # the fit's own data range only
             fig.add_trace(go.Scatter(x=grid / unit, y=non_negative(curves[run](grid)), mode="lines", legendgroup=run,
                                      showlegend=False, line={"color": colour, "dash": "solid" if identified else "dot"}),
                           row=1, col=col)
         fig.update_xaxes(title_text=f"training tokens ({unit_name})", type="log", row=1, col=col)
     fig.update_yaxes(title_text="activation ratio at PPL-p%", row=1, col=1)
-    fig.update_layout(title="Activation ratio over training with the paper's fitted forms "
-                            "(dotted: the fit identifies no limit A₀; fits drawn over their data, where ≥ 0)")
+    fig.update_layout(title="Activation ratio over training: one c per run (mean, min–max over seeds), c per checkpoint "
+                            "(dashed), fitted forms (dotted: no A₀)")
     return fig
 
 
-def limit_figure(fits: pd.DataFrame, x: str, x_title: str, paper: Mapping[tuple[str, str], PowerLaw]) -> go.Figure:
-    """Per run (labelled), against `x` (width_depth or params), ReLU vs SiLU: the activation ratio measured at
-    the last checkpoint (filled) and the fitted limit A₀ where the fit identifies one (open); the paper's A₀
-    range per activation as a shaded reference band."""
+def limit_figure(shapes: pd.DataFrame, x: str, x_title: str, paper: Mapping[tuple[str, str], PowerLaw]) -> go.Figure:
+    """Per shape (labelled), against `x` (width_depth or params), ReLU vs SiLU: the activation ratio at the last
+    checkpoint (filled; seed mean, min–max bars), the per-checkpoint-c variant (crosses), and the fitted limit A₀
+    where every seed's fit identifies one (open); the paper's A₀ range per activation as a shaded band."""
     fig = go.Figure()
-    for form, group in fits.groupby("activation", sort=True):
+    for form, group in shapes.groupby("activation", sort=True):
         group = group.sort_values(x)
         colour = FORM_COLOUR[form]
-        fig.add_trace(go.Scatter(x=group[x], y=group["last_ratio"], mode="markers+text", text=group["run"],
-                                 name=f"{FORM_NAME[form]}: last checkpoint", textposition="top center",
-                                 textfont={"size": 9}, marker={"color": colour, "size": 10}))
-        limits = group[group["a0_identified"]]
+        fig.add_trace(go.Scatter(x=group[x], y=group["last_ratio"], mode="markers+text", text=group["shape"],
+                                 name=f"{FORM_NAME[form]}: last checkpoint, one c per run", textposition="top center",
+                                 textfont={"size": 9}, marker={"color": colour, "size": 10},
+                                 error_y=_band(group, "last_ratio")))
+        fig.add_trace(go.Scatter(x=group[x], y=group["own_last"], mode="markers", marker={"color": colour, "symbol": "x"},
+                                 name=f"{FORM_NAME[form]}: last checkpoint, c per checkpoint"))
+        limits = group[group["identified"] == group["seeds"]]
         if len(limits):
             fig.add_trace(go.Scatter(x=limits[x], y=limits["a0"], mode="markers", name=f"{FORM_NAME[form]}: fitted A₀",
-                                     marker={"color": colour, "size": 12, "symbol": "circle-open"}))
+                                     marker={"color": colour, "size": 12, "symbol": "circle-open"},
+                                     error_y=_band(limits, "a0")))
         published = [law.a0 for (f, _), law in paper.items() if f == form]
         fig.add_hrect(y0=min(published), y1=max(published), fillcolor=colour, opacity=0.12, line_width=0,
                       annotation_text=f"paper {FORM_NAME[form]} A₀ (0.1B-1.2B)", annotation_position="top left")
     fig.update_xaxes(title_text=x_title, type="log")
     fig.update_yaxes(title_text="PPL-1% activation ratio", rangemode="tozero")
-    fig.update_layout(title=f"Activation ratio against {x_title}: last checkpoint and fitted limit A₀")
+    fig.update_layout(title=f"Activation ratio against {x_title}: last checkpoint (mean, min–max over seeds) and "
+                            "fitted limit A₀")
+    return fig
+
+
+def loss_figure(losses: pd.DataFrame) -> go.Figure:
+    """Held-out dense loss at the last checkpoint, ReLU beside SiLU per shape (seed mean, min–max bars; trends.losses)."""
+    fig = go.Figure()
+    for form in ("relu", "silu"):
+        fig.add_trace(go.Bar(x=losses["shape"], y=losses[form], name=FORM_NAME[form], marker_color=FORM_COLOUR[form],
+                             error_y=_band(losses, form)))
+    fig.update_xaxes(title_text="shape (width, depth), by parameters")
+    fig.update_yaxes(title_text="held-out next-token loss (nats)")
+    fig.update_layout(barmode="group", title="Dense held-out loss at the last checkpoint per shape, ReLU vs SiLU "
+                                             "(mean, min–max over seeds)")
     return fig
 
 

@@ -73,18 +73,25 @@ SHAPES = {"w16-d2": ("ratio", 16, 2, 6_000), "w32-d2": ("scale;ratio", 32, 2, 25
           "w48-d3": ("scale", 48, 3, 83_000), "w64-d4": ("scale", 64, 4, 200_000)}
 
 
-def zoo(limits: dict[str, dict[str, float]], directions=None) -> ScalingResult:
-    """A zoo table whose runs follow the paper's forms towards the given limits (per activation, per shape)."""
+def zoo(limits: dict[str, dict[str, float]], loss_gap: float = 0.0) -> ScalingResult:
+    """A zoo table of two seeds per shape whose runs follow the paper's forms towards the given limits (per
+    activation, per shape; the seeds ±2 % apart), with a per-checkpoint-c variant 10 % lower and a dense loss that
+    falls over training, ReLU's `loss_gap` nats above SiLU's."""
     rows = []
     for form, per_shape in limits.items():
         for shape, a0 in per_shape.items():
             axes, width, depth, params = SHAPES[shape]
             law = (PowerLaw("relu", alpha=0.5, b=-1.0, c=0.8, a0=a0, unit=1e6) if form == "relu"
                    else PowerLaw("silu", alpha=0.7, c=0.05, a0=a0, unit=1e6))
-            for tokens in np.geomspace(1e6, 30e6, 8):
-                rows.append({"run": f"{form}-{shape}", "activation": form, "width": width, "depth": depth,
-                             "params": params, "axes": axes, "tokens": int(tokens), "epochs": 7.5,
-                             "activation_ratio": float(law(tokens))})
+            for seed, scale in enumerate((0.98, 1.02)):
+                for k, tokens in enumerate(np.geomspace(1e6, 30e6, 8)):
+                    ratio = float(law(tokens)) * scale
+                    rows.append({"run": f"{form}-{shape}-s{seed}", "shape": shape, "seed": seed, "activation": form,
+                                 "width": width, "depth": depth, "width_depth_ratio": width / depth, "params": params,
+                                 "axes": axes, "tokens": int(tokens), "tokens_per_param": tokens / params,
+                                 "epochs": round(tokens / 40e6, 4), "activation_ratio": ratio,
+                                 "own_activation_ratio": 0.9 * ratio, "in_fixed_c": k >= 3,
+                                 "dense_loss": 4.0 - 0.1 * k + (loss_gap if form == "relu" else 0.0) + 0.01 * seed})
     table = pd.DataFrame(rows)
     return ScalingResult("build/x/zoo/zoo.csv", table, fit_runs(table, unit=1e6), 1e6, "millions", None)
 
@@ -100,10 +107,19 @@ def test_a_paper_like_zoo_reproduces_the_scaling_claims():
     assert claims.scale_dependence(result).verdict == "reproduced"
     rising = claims.width_depth(result)
     assert rising.verdict == "partly" and "(ρ +1.00)" in rising.ours  # 3 ratios: a rise, no plateau test
+    assert claims.comparable_loss(result).verdict == "reproduced"  # same loss: perplexity ratio 1.000
     lines = result.findings()
-    assert lines[0] == "build/x/zoo/zoo.csv: 80 checkpoints of 10 runs"
-    assert "ReLU is sparser than SiLU in 5 of 5 shapes" in lines[3]
+    assert lines[0].startswith("build/x/zoo/zoo.csv: 160 checkpoints of 20 runs (micro family: 20 runs = 5 shapes × "
+                               "2 activations × 2 seeds, 0.75 epoch, ")
+    assert "one c per run bisected on its last 5 checkpoints; spread = min–max over seeds" in lines[0]
+    assert lines[1].startswith("ReLU: a limit A₀ is identified in every seed for 5 of 5 shapes: w16-d2 0.050 [0.049, 0.051]")
+    assert "with one c per run and" in lines[3] and "ReLU is sparser than SiLU in 5 of 5 shapes" in lines[5]
+    assert lines[6].startswith("Dense loss at the last checkpoint, ReLU − SiLU (paired by seed, mean [min, max]): ")
     assert any(line.startswith("SiLU along width/depth (8, 16, 48)") for line in lines)
+    relu, silu = result.summary()
+    assert relu.startswith("ReLU: a limit A₀ is identified in every seed for 5 of 5 shapes")
+    assert "with data, 10 of 10 runs move in the paper's direction (down)" in relu
+    assert "along width/depth the last-checkpoint ratio goes 0.355 → 0.395 (Spearman ρ +1.00; seed spread up to" in silu
 
 
 def test_a_zoo_against_the_paper_gets_not_reproduced():
@@ -117,6 +133,23 @@ def test_a_zoo_against_the_paper_gets_not_reproduced():
     assert claims.relu_sparser(zoo(shifted)).verdict == "partly"  # sparser, but not at the paper's level
 
 
+def test_comparable_loss_is_a_seed_paired_perplexity_ratio():
+    assert claims.comparable_loss(zoo(PAPER_LIKE, loss_gap=0.03)).verdict == "reproduced"  # 3 % higher perplexity
+    worse = claims.comparable_loss(zoo(PAPER_LIKE, loss_gap=0.2))  # 22 % higher perplexity
+    assert worse.verdict == "not reproduced" and "w16-d2 1.221 [1.221, 1.221]" in worse.ours
+
+
+def test_an_old_table_is_reported_not_used(tmp_path, monkeypatch):
+    from babel_lib.sparsing import trends
+    from babel_lib.sparsing.scaling import ScalingParams
+
+    old = tmp_path / "zoo.csv"
+    pd.DataFrame({"run": ["relu-w8-d1"], "activation": ["relu"], "tokens": [1], "activation_ratio": [0.1]}).to_csv(old)
+    monkeypatch.setattr(trends.paths, "table_path", lambda profile: old)
+    result = trends.zoo_scaling("smoke", ScalingParams())
+    assert not result.available and "predates the seeded one-epoch protocol" in result.findings()[0]
+
+
 def test_cett_verdict_follows_the_baselines_and_convergence():
     assert claims.cett_beats_baselines([pareto_result()]).verdict == "reproduced"
     assert claims.cett_beats_baselines([pareto_result(converged=False)]).verdict == "partly"
@@ -128,8 +161,13 @@ def test_cett_verdict_follows_the_baselines_and_convergence():
     assert claims.cett_beats_baselines([unreached]).verdict == "not attempted"
 
 
-def test_no_zoo_table_means_not_attempted():
-    empty = ScalingResult("data/zoo/zoo.csv", None, pd.DataFrame(), 1e6, "millions", None)
+def test_no_zoo_table_means_not_attempted(tmp_path, monkeypatch):
+    from babel_lib.sparsing import trends
+    from babel_lib.sparsing.scaling import ScalingParams
+
+    monkeypatch.setattr(trends.paths, "table_path", lambda profile: tmp_path / "none.csv")
+    monkeypatch.setattr(trends.paths, "table_location", lambda profile: "data/zoo/zoo.csv")
+    empty = trends.zoo_scaling("default", ScalingParams())
     verdicts = claims.sparsing_verdicts([pareto_result()], empty)
-    assert [v.verdict for v in verdicts[1:]] == ["not attempted"] * 4
+    assert [v.verdict for v in verdicts[1:]] == ["not attempted"] * 5
     assert empty.findings()[0].startswith("No zoo table at data/zoo/zoo.csv")

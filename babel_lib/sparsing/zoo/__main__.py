@@ -12,16 +12,20 @@ from babel_lib.sparsing.zoo import paths
 from babel_lib.sparsing.zoo.spec import ZooSpec, checkpoint_steps, estimated_seconds, family, spec_from_profile
 
 
-def family_lines(spec: ZooSpec) -> list[str]:
-    """One line per run: shape, parameters, tokens and expected H100 time (the cost model in `spec`)."""
-    lines = [f"{'run':<16} {'axes':<11} {'d_ff':>5} {'w/d':>6} {'params':>11} {'tokens':>12} {'est. s':>7}"]
-    total = 0.0
+def family_lines(spec: ZooSpec, jobs: int = 1) -> list[str]:
+    """One line per run: shape, parameters, tokens, tokens per parameter and expected time of its job (the cost
+    model in `spec`); then the expected wall time with `jobs` jobs side by side, longest first."""
+    lines = [f"{'run':<19} {'axes':<11} {'d_ff':>5} {'w/d':>6} {'params':>11} {'tokens':>12} {'tok/param':>9} "
+             f"{'est. s':>7}"]
+    finish = [0.0] * jobs  # when each job slot frees up, runs handed out longest first (as `train` does)
+    for seconds in sorted((estimated_seconds(r, spec) for r in family(spec)), reverse=True):
+        finish[finish.index(min(finish))] += seconds
     for run in family(spec):
         seconds = estimated_seconds(run, spec)
-        total += seconds
-        lines.append(f"{run.name:<16} {';'.join(run.axes):<11} {run.d_ff:>5} {run.width_depth_ratio:>6.1f} "
-                     f"{run.params:>11,} {spec.steps * spec.tokens_per_step:>12,} {seconds:>7.1f}")
-    lines.append(f"total estimated H100 time {total:.0f}s; checkpoints at steps {checkpoint_steps(spec)}")
+        lines.append(f"{run.name:<19} {';'.join(run.axes):<11} {run.d_ff:>5} {run.width_depth_ratio:>6.1f} "
+                     f"{run.params:>11,} {spec.tokens:>12,} {spec.tokens / run.params:>9.1f} {seconds:>7.1f}")
+    lines.append(f"estimated wall time with {jobs} job(s): {max(finish):.0f}s; checkpoints at steps "
+                 f"{checkpoint_steps(spec)}, c bisected on the last {spec.fixed_c_checkpoints}")
     return lines
 
 
@@ -35,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, help="prepared data folder (default build/zoo-data/<profile>)")
     parser.add_argument("--force", action="store_true", help="prepare: rebuild even if up to date")
     parser.add_argument("--runs", help="train: comma-separated globs of run names, e.g. 'relu-*'")
-    parser.add_argument("--jobs", type=int, default=1, help="train: runs trained at a time (processes)")
+    parser.add_argument("--jobs", type=int, default=1, help="train (and family's estimate): runs trained at a time (processes)")
     parser.add_argument("--out", type=Path, help="train: folder for per-run rows (default build/<profile>/zoo/runs)")
     parser.add_argument("--from", dest="sources", type=Path, nargs="+",
                         help="table: folders holding per-run rows (default build/<profile>/zoo/runs)")
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"zoo data: {path} ({sum(v['tokens'] for v in meta['files'].values()):,} tokens, "
                   f"vocab {meta['vocab']})")
         elif args.command == "family":
-            print("\n".join(family_lines(spec_from_profile(args.profile))))
+            print("\n".join(family_lines(spec_from_profile(args.profile), args.jobs)))
         elif args.command == "train":
             import torch
 

@@ -39,3 +39,8 @@ def runs_dir(profile: str) -> Path:
 def data_dir(profile: str) -> Path:
     """Where `prepare` writes a profile's tokenised data (an ignored build folder the GPU command carries)."""
     return _root() / "build" / "zoo-data" / profile
+
+
+def checkpoint_path(runs: Path, run_name: str, step: int) -> Path:
+    """Where `train` saves a run's weights at `step` (safetensors), under the folder of per-run rows."""
+    return runs / run_name / f"step{step:07d}.safetensors"

@@ -19,9 +19,12 @@ from babel_lib.sparsing.zoo.data import read_meta, run_key
 from babel_lib.sparsing.zoo.paths import table_dir
 from babel_lib.sparsing.zoo.spec import Run, ZooSpec, family, make_spec
 
-TABLE_COLUMNS = ("run", "activation", "width", "depth", "width_depth_ratio", "d_ff", "heads", "params", "axes",
-                 "step", "tokens", "epochs", "lr", "train_loss", "dense_loss", "sparse_loss", "ppl_ratio", "cett",
-                 "activation_ratio", "converged", "bisections")
+# per checkpoint: the run and shape, training state, dense loss; the paper's protocol (`cett` is the run's one
+# CETT value, bisected on its last checkpoints: `in_fixed_c`, `cett_converged`); each checkpoint's own bisection
+TABLE_COLUMNS = ("run", "shape", "seed", "activation", "width", "depth", "width_depth_ratio", "d_ff", "heads",
+                 "params", "axes", "step", "tokens", "tokens_per_param", "epochs", "lr", "train_loss", "dense_loss",
+                 "cett", "activation_ratio", "sparse_loss", "ppl_ratio", "cett_converged", "in_fixed_c",
+                 "own_cett", "own_activation_ratio", "own_ppl_ratio", "own_converged", "own_bisections")
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -90,10 +93,12 @@ def write_table(directory: Path, sources: list[Path], dest: Path | None = None,
         "table": "zoo.csv", "profile": profile, "written": iso_time(time.time()),
         "command": " ".join(command or sys.argv), "git": _git_commit(), "spec": meta["spec"],
         "machines": sorted({r["machine"]["device"] for r in records.values()}),
+        "first_started": min(r["started"] for r in records.values()),
+        "last_finished": max(r["finished"] for r in records.values()),
         "data": {"corpus_sha256": meta["corpus_sha256"], "tokenizer_sha256": meta["tokenizer_sha256"],
                  "vocab": meta["vocab"], "tokens": {k: v["tokens"] for k, v in meta["files"].items()}},
-        "runs": {name: {k: r[k] for k in ("command", "machine", "started", "finished", "seconds", "eval_seconds",
-                                          "code_sha256")} for name, r in records.items()},
+        "runs": {name: {k: r[k] for k in ("command", "machine", "started", "finished", "seconds", "train_seconds",
+                                          "eval_seconds", "shared_cett", "code_sha256")} for name, r in records.items()},
         "missing_runs": missing})
     return dest / "zoo.csv", missing
 

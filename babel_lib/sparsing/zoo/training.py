@@ -1,5 +1,6 @@
-"""Training a zoo run: the model (LLaMA-style, with its optimizer beside it), the WSD schedule, the loop, and
-the PPL-p% measurement at every checkpoint; `train` runs the selected runs, several at a time, and resumes."""
+"""Training a zoo run: the model (LLaMA-style, with its optimizer beside it), the schedule (warmup, then the
+stable phase), one epoch of distinct windows, the weights saved at every checkpoint, and the PPL-p% protocol
+on that saved series (`protocol`); `train` runs the selected runs, several at a time, and resumes."""
 
 from __future__ import annotations
 
@@ -16,16 +17,28 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from babel_lib.core.artefacts import params_key, write_json
+from babel_lib.core.artefacts import atomic_path, params_key, write_json
 from babel_lib.errors import BabelError
-from babel_lib.sparsing.zoo.data import ZooData, batch_indices, eval_windows, load_data, run_key, sha256_file
+from babel_lib.sparsing.zoo.data import (
+    ZooData,
+    batch_indices,
+    epoch_order,
+    eval_windows,
+    load_data,
+    run_key,
+    sha256_file,
+)
+from babel_lib.sparsing.zoo.paths import checkpoint_path
+from babel_lib.sparsing.zoo.protocol import SharedCett, measure_series
 from babel_lib.sparsing.zoo.spec import Run, ZooSpec, checkpoint_steps, estimated_seconds, family, select
 from babel_lib.sparsing.zoo.table import is_finished, iso_time, write_rows
 
 
 def seed_of(run: Run, spec: ZooSpec) -> int:
-    """The run's seed: a function of the shape only, so ReLU and SiLU of one shape share init and data order."""
-    return int(params_key({"seed": spec.seed, "width": run.width, "depth": run.depth}), 16) % (2**31)
+    """The run's seed: a function of the shape and the seed index only, so ReLU and SiLU of one shape and seed
+    share initial weights and data order (they differ only in the activation)."""
+    key = {"seed": spec.seed, "width": run.width, "depth": run.depth} | ({"run_seed": run.seed} if run.seed else {})
+    return int(params_key(key), 16) % (2**31)
 
 
 class ZooModel(LlamaForCausalLM):
@@ -52,24 +65,38 @@ def build_model(run: Run, spec: ZooSpec, vocab: int) -> ZooModel:
 
 
 def lr_factor(step: int, spec: ZooSpec) -> float:
-    """The WSD multiplier of the peak learning rate at `step` (1-based)."""
-    warm = max(1, round(spec.warmup * spec.steps))
-    decay = max(1, round(spec.decay * spec.steps))
-    if step <= warm:
-        return step / warm
-    return min(1.0, (spec.steps - step + 1) / decay)
+    """The multiplier of the peak learning rate at `step` (1-based): linear warmup, then constant (stable)."""
+    return min(1.0, step / spec.warmup_steps)
 
 
-def measure(model: nn.Module, windows: torch.Tensor, spec: ZooSpec) -> dict[str, float]:
-    """The PPL-p% point of a checkpoint (Sparsing Law): bisect the CETT so that sparse perplexity is (1 + p/100)
-    x dense, in float32 on the held-out windows; each checkpoint is bisected on its own."""
-    from babel_lib.sparsing.sparsity import ppl_p
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    """The model's weights as safetensors, atomically (tied embeddings stored once)."""
+    from safetensors.torch import save_model
 
-    result = ppl_p(model, windows, p=spec.ppl_p, tol=spec.tol, batch_size=spec.eval_batch)
-    return {"dense_loss": float(result.dense_loss), "sparse_loss": float(result.sparse_loss),
-            "ppl_ratio": float(result.ppl_ratio), "cett": float(result.cett),
-            "activation_ratio": float(result.activation_ratio), "converged": bool(result.converged),
-            "bisections": len(result.trace)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp))
+
+
+def load_checkpoint(run: Run, spec: ZooSpec, vocab: int, path: Path, device: str) -> ZooModel:
+    """A run's model with the weights saved at `path`, in float32 for evaluation."""
+    from safetensors.torch import load_model
+
+    if not path.exists():
+        raise BabelError(f"zoo checkpoint {path} is missing; train the run again (python -m babel_lib.sparsing.zoo train)")
+    model = build_model(run, spec, vocab)
+    load_model(model, str(path), device="cpu")
+    return model.to(device).eval()
+
+
+def measure(run: Run, spec: ZooSpec, vocab: int, runs: Path, windows: torch.Tensor, device: str
+            ) -> tuple[list[dict], SharedCett]:
+    """The PPL-p% protocol on a run's saved checkpoint series (`protocol.measure_series`), in float32."""
+    models = [(step, load_checkpoint(run, spec, vocab, checkpoint_path(runs, run.name, step), device))
+              for step in checkpoint_steps(spec)]
+    with torch.no_grad():
+        return measure_series(models, windows.to(device), spec.ppl_p, spec.tol, spec.fixed_c_checkpoints,
+                              spec.eval_batch)
 
 
 def machine() -> dict[str, str]:
@@ -95,13 +122,14 @@ def code_hashes() -> dict[str, str]:
 
 
 def _run_row(run: Run) -> dict[str, Any]:
-    return {"run": run.name, "activation": run.activation, "width": run.width, "depth": run.depth,
-            "width_depth_ratio": round(run.width_depth_ratio, 4), "d_ff": run.d_ff, "heads": run.heads,
-            "params": run.params, "axes": ";".join(run.axes)}
+    return {"run": run.name, "shape": run.shape, "seed": run.seed, "activation": run.activation, "width": run.width,
+            "depth": run.depth, "width_depth_ratio": round(run.width_depth_ratio, 4), "d_ff": run.d_ff,
+            "heads": run.heads, "params": run.params, "axes": ";".join(run.axes)}
 
 
 def train_run(run: Run, data: ZooData, out: Path, device: str, command: list[str] | None = None) -> list[dict]:
-    """Train one run, measuring PPL-p% at every checkpoint; writes <run>.csv after each and <run>.json at the end.
+    """Train one run for one epoch of distinct windows, saving its weights at every checkpoint, then measure the
+    saved series with the PPL-p% protocol; writes <run>.csv and, last, <run>.json (the run is finished).
 
     AdamW (betas 0.9/0.95, weight decay on matrices only), gradient clipping, bf16 autocast on CUDA with fp32
     weights; evaluation in fp32. Training loss is averaged on the device since the previous checkpoint.
@@ -109,17 +137,17 @@ def train_run(run: Run, data: ZooData, out: Path, device: str, command: list[str
     spec, started = data.spec, time.time()
     model = build_model(run, spec, data.vocab).to(device)
     optimizer = model.configure_optimizers(spec.weight_decay, spec.lr, torch.device(device).type)
-    stream, windows = data.train.to(device), eval_windows(data.heldout, spec.eval_windows, spec.seq_len)
-    generator = torch.Generator().manual_seed(seed_of(run, spec))
-    checkpoints, rows = set(checkpoint_steps(spec)), []
-    loss_sum, loss_steps, eval_seconds = torch.zeros((), device=device), 0, 0.0
+    stream = data.train.to(device)
+    order = epoch_order(data.train, spec, torch.Generator().manual_seed(seed_of(run, spec)))
+    checkpoints, trained = set(checkpoint_steps(spec)), {}
+    loss_sum, loss_steps = torch.zeros((), device=device), 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     model.train()
     for step in range(1, spec.steps + 1):
         lr = spec.lr * lr_factor(step, spec)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids = stream[batch_indices(stream, spec, generator)]
+        ids = stream[batch_indices(order[step - 1], spec, device)]
         with autocast:
             logits = model(input_ids=ids[:, :-1], use_cache=False).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
@@ -130,22 +158,25 @@ def train_run(run: Run, data: ZooData, out: Path, device: str, command: list[str
         loss_sum += loss.detach()
         loss_steps += 1
         if step in checkpoints:
-            tick = time.time()
-            model.eval()
-            point = measure(model, windows, spec)
-            model.train()
-            eval_seconds += time.time() - tick
+            save_checkpoint(model, checkpoint_path(out, run.name, step))
             tokens = step * spec.tokens_per_step
-            rows.append(_run_row(run) | {"step": step, "tokens": tokens, "lr": lr,
-                                         "epochs": round(tokens / data.train.numel(), 4),
-                                         "train_loss": loss_sum.item() / loss_steps} | point)
+            trained[step] = {"step": step, "tokens": tokens, "tokens_per_param": round(tokens / run.params, 3),
+                             "epochs": round(tokens / data.train.numel(), 4), "lr": lr,
+                             "train_loss": loss_sum.item() / loss_steps}
             loss_sum.zero_()
             loss_steps = 0
-            write_rows(out / f"{run.name}.csv", rows)
+    train_seconds, tick = time.time() - started, time.time()
+    del model, optimizer, stream
+    points, shared = measure(run, spec, data.vocab, out, eval_windows(data.heldout, spec.eval_windows, spec.seq_len),
+                             device)
+    rows = [_run_row(run) | trained[point["step"]] | point for point in points]
+    write_rows(out / f"{run.name}.csv", rows)
     write_json(out / f"{run.name}.json", {
         "run": run.name, "key": run_key(data.meta), "rows": len(rows), "started": iso_time(started),
         "finished": iso_time(time.time()), "seconds": round(time.time() - started, 2),
-        "eval_seconds": round(eval_seconds, 2),
+        "train_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - tick, 2),
+        "shared_cett": {"cett": shared.cett, "mean_ppl_ratio": shared.mean_ratio, "converged": shared.converged,
+                        "bisections": shared.bisections, "steps": list(shared.steps)},
         "machine": machine(), "command": command or sys.argv, "code_sha256": code_hashes(),
         "data": {"tokenizer_sha256": data.meta["tokenizer_sha256"], "corpus_sha256": data.meta["corpus_sha256"],
                  "files": {k: v["sha256"] for k, v in data.meta["files"].items()}}})
@@ -185,8 +216,9 @@ def train(directory: Path, out: Path, patterns: str | None = None, jobs: int = 1
 
     def report(run: Run, rows: list[dict]) -> None:
         last = rows[-1]
-        log(f"{run.name}: {run.params:,} params, {last['tokens']:,} tokens; dense loss {last['dense_loss']:.3f}, "
-            f"activation ratio {last['activation_ratio']:.3f} at CETT {last['cett']:.3f}")
+        log(f"{run.name}: {run.params:,} params, {last['tokens']:,} tokens ({last['tokens_per_param']:.1f}/param); "
+            f"dense loss {last['dense_loss']:.3f}, activation ratio {last['activation_ratio']:.3f} at the run's CETT "
+            f"{last['cett']:.3f} ({last['own_activation_ratio']:.3f} at its own {last['own_cett']:.3f})")
 
     if jobs == 1:
         for run in todo:
