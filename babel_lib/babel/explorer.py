@@ -281,7 +281,8 @@ def load_frequencies(source: str | Path, run: str | None = None, build: str = "m
     return {model: load_frequency_set(model, index.parent / path) for model, path in entries.items()}
 
 
-PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False, "showEditInChartStudio": False,
+# plotly.js 3 has no Chart Studio button; the cloud ones go (a warning-free config: plotly.py checks the keys)
+PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False,
                  "modeBarButtonsToRemove": ["sendChartToCloud", "sendDataToCloud"]}
 NEEDS_KERNEL = ("<p class='babel-needs-kernel'><b>The explorer's controls need a running Python kernel.</b> "
                 "Open this notebook in Jupyter (<code>make lab</code>) or run <code>make explore</code>; the "

@@ -6,10 +6,13 @@ import csv
 import json
 import math
 import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
 import pytest
 import torch
 
@@ -17,7 +20,7 @@ from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.errors import BabelError
 from babel_lib.babel.analysis import standard_error
-from babel_lib.babel.explorer import (Controls, Explorer, FrequencySet, build_command, explorer_app, heatmap,
+from babel_lib.babel.explorer import (PLOTLY_CONFIG, Controls, Explorer, FrequencySet, build_command, explorer_app, heatmap,
                                       load_frequencies, load_frequency_set, main, run_frequencies, to_csv,
                                       write_frequency_index)
 
@@ -299,6 +302,13 @@ def test_explorer_has_no_cloud_share_and_says_controls_need_a_kernel():
     e = Explorer({"m": frequency_set()})
     assert e.figure._config["showSendToCloud"] is False and "sendChartToCloud" in e.figure._config["modeBarButtonsToRemove"]
     assert "need a running Python kernel" in e._repr_mimebundle_()["text/html"]
+
+
+def test_plotly_config_shows_without_a_warning():
+    """02's kernel-free explorer is shown with this config: plotly warns about keys it does not know."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pio.to_html(go.Figure(), config=PLOTLY_CONFIG)
 
 
 def smoke_like_root(tmp_path, monkeypatch):
