@@ -319,8 +319,9 @@ def test_no_cloud_share_button(app_page):
     assert not [b for b in buttons if b and ("Share" in b or "Cloud" in b or "Chart Studio" in b)]
 
 
-@pytest.mark.xfail(reason="issue 14 asks for <= 2 s; benchmarks/explorer.py measured 4.3 s on the 2-core machine "
-                          "(the page's JavaScript, not the preheated kernel)", strict=False)
+@pytest.mark.xfail(reason="issue 14 asks for <= 2 s; on the shared 2-core machine (load average ~10) a warm page needs "
+                          "3.3-4.3 s (Voila's front end until its kernel connects ~2 s, plotly.js's module ~0.7 s of "
+                          "CPU, the first plot), a cold one in this test 8-10 s", strict=False)
 def test_time_to_interactive(app, browser):
     start = time.monotonic()
     page = open_page(browser, app)  # returns once the kernel has answered
