@@ -93,14 +93,17 @@ EXPLORE_PORT ?= 8866
 explore: setup
 	@$(PY) -m babel_lib.babel.explorer check $(PROFILE) "$(MODEL)"
 	@mkdir -p build/$(RUN)/src
+	@$(PY) -c "from babel_lib.babel.explorer import write_plotly_module; write_plotly_module('build/$(RUN)')"
 	$(BIN)/jupytext --quiet --to ipynb -o build/$(RUN)/src/explorer.ipynb apps/explorer.py
 	$(BIN)/papermill --prepare-only -k babel -p profile $(PROFILE) -p model "$(MODEL)" \
 		build/$(RUN)/src/explorer.ipynb build/$(RUN)/explorer.ipynb
 	@echo "explorer: http://localhost:$(EXPLORE_PORT)/ (Ctrl-C stops it)"
-	$(BIN)/voila --no-browser --port=$(EXPLORE_PORT) --Voila.port_retries=0 $(VOILA_OPTIONS) build/$(RUN)/explorer.ipynb
+	JUPYTER_PATH=$(CURDIR)/apps $(BIN)/voila --no-browser --port=$(EXPLORE_PORT) --Voila.port_retries=0 $(VOILA_OPTIONS) build/$(RUN)/explorer.ipynb
 VOILA_OPTIONS := --preheat_kernel=True --pool_size=1 --MappingKernelManager.cull_idle_timeout=60 \
 	--MappingKernelManager.cull_interval=10 --MappingKernelManager.cull_connected=False \
-	--VoilaConfiguration.extension_denylist='["jupyterlab-jupytext", "@voila-dashboards/jupyterlab-preview"]'
+	--VoilaConfiguration.multi_kernel_manager_class=babel_lib.babel.explorer_server.ExplorerKernelManager \
+	--VoilaConfiguration.file_allowlist='["plotly-widget\.js"]' --template=babel \
+	--VoilaConfiguration.extension_denylist='["jupyterlab-jupytext", "@voila-dashboards/jupyterlab-preview", "jupyterlab-plotly"]'
 
 ## lab: JupyterLab on the notebooks (jupytext opens the .py files as notebooks)
 lab: setup

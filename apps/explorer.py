@@ -29,4 +29,4 @@ model = ""  # empty: the profile's models; else the model name (or comma-separat
 # %%
 from babel_lib.babel.explorer import explorer_app
 
-explorer_app(profile, model, url_state=True)
+explorer_app(profile, model, url_state=True, served_plotly=True)

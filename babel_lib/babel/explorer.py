@@ -12,6 +12,7 @@ import html
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -22,7 +23,7 @@ from urllib.parse import parse_qs, quote, urlencode
 import numpy as np
 
 from babel_lib.babel.analysis import standard_error
-from babel_lib.core.artefacts import read_artefact, write_json
+from babel_lib.core.artefacts import atomic_path, read_artefact, write_json
 from babel_lib.data.languages import language
 from babel_lib.errors import BabelError
 
@@ -281,7 +282,8 @@ def load_frequencies(source: str | Path, run: str | None = None, build: str = "m
     return {model: load_frequency_set(model, index.parent / path) for model, path in entries.items()}
 
 
-PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False, "showEditInChartStudio": False,
+# plotly.js 3 has no Chart Studio button; the cloud ones go (a warning-free config: plotly.py checks the keys)
+PLOTLY_CONFIG = {"displaylogo": False, "showSendToCloud": False,
                  "modeBarButtonsToRemove": ["sendChartToCloud", "sendDataToCloud"]}
 NEEDS_KERNEL = ("<p class='babel-needs-kernel'><b>The explorer's controls need a running Python kernel.</b> "
                 "Open this notebook in Jupyter (<code>make lab</code>) or run <code>make explore</code>; the "
@@ -296,7 +298,7 @@ function render({ model }) {
   };
   // asked until the kernel answers: a message sent before the page's kernel connection is up is lost
   const ask = () => model.send({ query });
-  const timer = setInterval(ask, 500);
+  const timer = setInterval(ask, 100);
   model.on("msg:custom", (msg) => { clearInterval(timer); write(msg.state); });
   model.on("change:state", () => write(model.get("state")));
   ask();
@@ -320,6 +322,36 @@ def _url_state_class() -> type:
     return UrlState
 
 
+PLOTLY_MODULE = "plotly-widget.js"  # plotly's FigureWidget module in the app's folder (make explore writes it)
+
+
+def write_plotly_module(folder: str | Path) -> Path:
+    """Copy plotly's FigureWidget module (an ES module with plotly.js inside, 5 MB) into `folder`, which Voilà
+    serves under voila/files/ (make explore allows only this file; the browser revalidates it by its ETag)."""
+    import plotly
+
+    source, target = Path(plotly.__file__).parent / "package_data" / "widgetbundle.js", Path(folder) / PLOTLY_MODULE
+    if not target.exists() or target.read_bytes() != source.read_bytes():
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    return target
+
+
+@cache
+def _served_figure_class() -> type:
+    """A FigureWidget that imports plotly's module from the Voilà server by URL instead of receiving it over the
+    kernel's websocket: the page evaluates it once for every figure (the browser's module map), and later loads
+    use the browser's compiled copy; a plain FigureWidget sends and evaluates 5 MB per figure, every load."""
+    import plotly.graph_objects as go
+
+    class ServedFigureWidget(go.FigureWidget):
+        _esm = ('const config = JSON.parse(document.getElementById("jupyter-config-data")?.textContent || "{}");\n'
+                f'const url = new URL((config.baseUrl || "/") + "voila/files/{PLOTLY_MODULE}", '
+                'window.location.origin);\nexport default (await import(url.href)).default;\n')
+
+    return ServedFigureWidget
+
+
 def parse_cell(text: str) -> tuple[int | None, int] | None:
     """'12:5' -> (layer 12, expert 5); '5' -> (None, 5), expert 5 of every layer; '' -> None."""
     text = text.strip()
@@ -337,7 +369,8 @@ class Explorer:
     floor; a heatmap whose cells link to a detail view; CSV export; optionally the state in the page URL."""
 
     def __init__(self, sets: Mapping[str, FrequencySet], model: str | None = None, language: str | None = None,
-                 height: int = 620, noise_z: float = 3.0, source: str = "", url_state: bool = False):
+                 height: int = 620, noise_z: float = 3.0, source: str = "", url_state: bool = False,
+                 served_plotly: bool = False):
         import ipywidgets as w
         import plotly.graph_objects as go
 
@@ -345,6 +378,7 @@ class Explorer:
             raise BabelError("the explorer needs at least one frequency set; load them with load_frequencies")
         self.sets = dict(sets)
         self.noise_z, self.source = noise_z, source
+        self._figure_class = _served_figure_class() if served_plotly else go.FigureWidget
         model = model or next(iter(self.sets))
         if model not in self.sets:
             raise BabelError(f"no frequencies for model {model!r}; models: {', '.join(self.sets)}")
@@ -379,23 +413,25 @@ class Explorer:
         # and a FigureWidget changed before it is displayed leaves its view out of step with the kernel
         h = self._heatmap()
         cols, rows = self._highlighted(h)
-        self.figure = go.FigureWidget(
+        self.figure = self._figure_class(
             data=[go.Heatmap(**self._trace(h)),
                   go.Scatter(x=cols, y=rows, mode="markers", hoverinfo="skip", showlegend=False,
                              marker={"symbol": "square-open", "size": 11, "color": "#ff00ff",
                                      "line": {"width": 2}})],
             layout=self._layout(h) | {"height": height, "margin": {"t": 90}})
-        detail = self._detail_figure()
-        self._detail(detail, h)
-        self.detail = go.FigureWidget(detail)
-        for name, figure in (("heatmap", self.figure), ("detail", self.detail)):
-            figure._config = PLOTLY_CONFIG
-            figure.add_class(f"babel-{name}")
+        self.figure._config = PLOTLY_CONFIG
+        self.figure.add_class("babel-heatmap")
+        # the detail view is made on the first selection: each FigureWidget loads its own copy of plotly.js
+        # (about 1 s of the page's CPU on a 2-core machine), which a first view does not need
+        self.detail: Any = None
+        self.detail_box = w.VBox([w.HTML("<p class='babel-detail-hint'>Click a cell of the heatmap (or type "
+                                         "<code>layer:expert</code> under highlight) for that expert across "
+                                         "languages and layers.</p>")])
         self.url = _url_state_class()(layout={"display": "none"}) if url_state else None
         self._export(h)
         self.widget = w.VBox([w.HBox([self.model, self.view]), w.HBox([self.language, self.other]),
                               w.HBox([self.layers, self.order]), w.HBox([self.scale, self.noise]),
-                              w.HBox([self.highlight, self.csv]), self.status, self.figure, self.detail,
+                              w.HBox([self.highlight, self.csv]), self.status, self.figure, self.detail_box,
                               *([self.url] if self.url else [])])
         self.figure.data[0].on_click(self._clicked)
         self.model.observe(self._model_changed, names="value")
@@ -614,9 +650,21 @@ class Explorer:
         """Everything that follows the displayed matrix: highlight, detail, CSV link, URL."""
         cols, rows = self._highlighted(h)
         self.figure.data[1].update(x=cols, y=rows)
-        with self.detail.batch_update():
-            self._detail(self.detail, h)
+        if self.detail is not None:
+            with self.detail.batch_update():
+                self._detail(self.detail, h)
+        elif self.selected is not None:
+            self._make_detail(h)
         self._export(h)
+
+    def _make_detail(self, h: Heatmap) -> None:
+        """The detail FigureWidget, built with its first contents (see __init__), in place of the hint."""
+        detail = self._detail_figure()
+        self._detail(detail, h)
+        self.detail = self._figure_class(detail)
+        self.detail._config = PLOTLY_CONFIG
+        self.detail.add_class("babel-detail")
+        self.detail_box.children = [self.detail]
 
     def _export(self, h: Heatmap) -> None:
         """The CSV link of the displayed matrix and the URL state."""
@@ -679,9 +727,11 @@ def run_frequencies(profile: str = "default", model: str = "") -> dict[str, Freq
     return {m: sets[m] for m in wanted}
 
 
-def explorer_app(profile: str = "default", model: str = "", url_state: bool = False) -> Any:
+def explorer_app(profile: str = "default", model: str = "", url_state: bool = False, served_plotly: bool = False
+                 ) -> Any:
     """The explorer over the frequencies notebook 02 made for this run (profile, model), or a widget saying
-    which command builds them when there are none."""
+    which command builds them when there are none. served_plotly: Voilà serves plotly's module from the app's
+    folder (write_plotly_module)."""
     import ipywidgets as w
 
     from babel_lib.core import config
@@ -691,7 +741,7 @@ def explorer_app(profile: str = "default", model: str = "", url_state: bool = Fa
         sets = run_frequencies(profile, model)
         return Explorer({m: replace(fs, corpus=", ".join(p for p in (P.get("corpus", ""), fs.corpus) if p))
                          for m, fs in sets.items()}, noise_z=float(P.get("noise_z", 3.0)),
-                        source=f"run {P.run}", url_state=url_state)
+                        source=f"run {P.run}", url_state=url_state, served_plotly=served_plotly)
     except BabelError as err:
         return w.HTML(f"<p class='babel-missing'><b>Nothing to explore yet.</b> {html.escape(str(err))}</p>")
 

@@ -36,7 +36,8 @@ def rate_curves(r: PruneResult) -> go.Figure:
                                      line={"color": COLOURS[key]}, legendgroup=key, showlegend=show),
                           row=1, col=j + 1)
         fig.add_hline(y=dense, line={"color": COLOURS["dense"], "dash": "dot"}, row=1, col=j + 1)
-    fig.update_yaxes(type="log", title_text="perplexity", col=1)
+    fig.update_yaxes(type="log")  # every panel: the same quantity on the same scale
+    fig.update_yaxes(title_text="perplexity", col=1)
     fig.update_xaxes(title_text="share of experts pruned", tickformat=".0%")
     fig.update_layout(title=f"{r.model}: held-out perplexity vs pruning rate (seq_len {r.seq_len}; dotted: unpruned)",
                       height=380)

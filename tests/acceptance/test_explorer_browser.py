@@ -181,13 +181,14 @@ def test_labels_layer_order_and_data_line(app_page, sets):
     assert not app_page.errors
 
 
-@pytest.mark.xfail(reason="the simulated box drag does not zoom the plot in headless Chromium (the zoom never takes, "
-                   "so the test cannot see it reset); the reset on every control change is unit-tested in "
-                   "tests/unit/test_explorer.py", strict=False)
 def test_zoom_does_not_survive_a_control_change(app_page):
     page = app_page.page
     app_page.wait("p => true", LOAD_MS)
-    box = page.locator(".babel-heatmap .nsewdrag").first.bounding_box()
+    # the whole plot in the viewport: a drag that ends outside it never reaches plotly (why the zoom did not take)
+    page.set_viewport_size({"width": 1280, "height": 1600})
+    drag = page.locator(".babel-heatmap .nsewdrag").first
+    drag.scroll_into_view_if_needed()
+    box = drag.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.7)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.95, steps=8)
@@ -318,8 +319,9 @@ def test_no_cloud_share_button(app_page):
     assert not [b for b in buttons if b and ("Share" in b or "Cloud" in b or "Chart Studio" in b)]
 
 
-@pytest.mark.xfail(reason="issue 14 asks for <= 2 s; benchmarks/explorer.py measured 4.3 s on the 2-core machine "
-                          "(the page's JavaScript, not the preheated kernel)", strict=False)
+@pytest.mark.xfail(reason="issue 14 asks for <= 2 s; on the shared 2-core machine (load average ~10) a warm page needs "
+                          "3.3-4.3 s (Voila's front end until its kernel connects ~2 s, plotly.js's module ~0.7 s of "
+                          "CPU, the first plot), a cold one in this test 8-10 s", strict=False)
 def test_time_to_interactive(app, browser):
     start = time.monotonic()
     page = open_page(browser, app)  # returns once the kernel has answered

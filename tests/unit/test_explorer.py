@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import math
 import shutil
+import warnings
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import plotly
+import plotly.graph_objects as go
+import plotly.io as pio
 import pytest
 import torch
+
+from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 
 from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.errors import BabelError
 from babel_lib.babel.analysis import standard_error
-from babel_lib.babel.explorer import (Controls, Explorer, FrequencySet, build_command, explorer_app, heatmap,
-                                      load_frequencies, load_frequency_set, main, run_frequencies, to_csv,
-                                      write_frequency_index)
+from babel_lib.babel.explorer import (PLOTLY_CONFIG, PLOTLY_MODULE, Controls, Explorer, FrequencySet, build_command,
+                                      explorer_app, heatmap, load_frequencies, load_frequency_set, main,
+                                      run_frequencies, to_csv, write_frequency_index, write_plotly_module)
+from babel_lib.babel.explorer_server import ExplorerKernelManager
 
 LANGS = ("en", "de", "ja")
 
@@ -264,10 +273,12 @@ def test_clicking_a_cell_selects_the_expert_for_the_detail_view():
     fs = with_se(frequency_set())
     e = Explorer({"m": fs})
     e.layers.value = (2, 4)
+    assert e.detail is None and "Click a cell" in e.detail_box.children[0].value  # made on the first selection
     h = heatmap(fs, Controls("en", layers=(2, 4)))
     e._clicked(None, type("Points", (), {"xs": [3], "ys": [3]})(), None)
     expert = int(h.experts[1, 3])
     assert e.selected == (3, expert) and e.highlight.value == f"3:{expert}"
+    assert e.detail_box.children == (e.detail,)
     bar = e.detail.data[0]
     np.testing.assert_allclose(bar.y, fs.freq[:, 3, expert])
     np.testing.assert_allclose(bar.error_y.array, fs.se[:, 3, expert])
@@ -301,6 +312,13 @@ def test_explorer_has_no_cloud_share_and_says_controls_need_a_kernel():
     assert "need a running Python kernel" in e._repr_mimebundle_()["text/html"]
 
 
+def test_plotly_config_shows_without_a_warning():
+    """02's kernel-free explorer is shown with this config: plotly warns about keys it does not know."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pio.to_html(go.Figure(), config=PLOTLY_CONFIG)
+
+
 def smoke_like_root(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "p.yaml").write_text("models: [org/a, org/b]\nlanguages: [en]\nnotebooks:\n  02_profile: {}\n")
@@ -318,3 +336,33 @@ def test_a_model_of_the_profile_run_needs_no_run_of_its_own(tmp_path, monkeypatc
         run_frequencies("p", "org/zz")
     assert main(["check", "p", "org/a"]) == 0 and main(["check", "p", "org/zz"]) == 1
     assert build_command("default") == "make figures" and build_command("smoke") == "make figures PROFILE=smoke"
+
+
+def test_the_served_figure_imports_the_module_make_explore_writes(tmp_path):
+    """The app's figures import plotly's module from voila/files/ (one copy per page, cached by the browser)."""
+    written = write_plotly_module(tmp_path)
+    assert written.name == PLOTLY_MODULE
+    assert written.read_bytes() == (Path(plotly.__file__).parent / "package_data" / "widgetbundle.js").read_bytes()
+    assert write_plotly_module(tmp_path) == written
+    e = Explorer({"m": frequency_set()}, served_plotly=True)
+    assert f'"voila/files/{PLOTLY_MODULE}"' in e.figure._esm and len(e.figure._esm) < 1000
+    assert isinstance(e.figure, go.FigureWidget) and len(Explorer({"m": frequency_set()}).figure._esm) > 10**6
+
+
+def test_a_kernel_handed_out_of_the_pool_gets_a_fresh_idle_clock(monkeypatch):
+    """The first culler pass that may take a kernel (a preheated one just handed to a page) restarts its idle
+    clock instead of culling it; later passes cull as jupyter_server does."""
+    culled = []
+
+    async def cull(self, kernel_id):
+        culled.append(kernel_id)
+
+    monkeypatch.setattr(AsyncMappingKernelManager, "cull_kernel_if_idle", cull)
+    manager = ExplorerKernelManager()
+    old = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    kernel = type("Kernel", (), {"last_activity": old})()
+    manager._kernels["k"] = kernel
+    asyncio.run(manager.cull_kernel_if_idle("k"))
+    assert culled == [] and kernel.last_activity > old
+    asyncio.run(manager.cull_kernel_if_idle("k"))
+    assert culled == ["k"]
