@@ -278,7 +278,8 @@ def routed_figure(routed) -> go.Figure:
                                      marker={"color": "#d62728", "symbol": "x", "size": 10}), row=1, col=col)
         fig.add_hline(y=1.0, line_dash="dash", annotation_text="dense", row=1, col=col)
         fig.update_xaxes(title_text="experts active per token and layer (%)", row=1, col=col)
-    fig.update_yaxes(type="log", title_text="perplexity / dense perplexity", row=1, col=1)
+    fig.update_yaxes(type="log")  # every panel: plotly.js drops a shared y-axis between log and linear panels
+    fig.update_yaxes(title_text="perplexity / dense perplexity", row=1, col=1)
     fig.update_layout(title="Routed-model perplexity vs share of active experts")
     return fig
 
