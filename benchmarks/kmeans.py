@@ -15,12 +15,18 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from babel_lib.babel.partition import balanced_kmeans, expert_sizes, inertia, partition_labels
+from babel_lib.babel.partition import (
+    balanced_kmeans,
+    expert_sizes,
+    inertia,
+    partition_labels,
+)
 from benchmarks.common import machine_name, write_table
 
 # (n, d, k, data): small to the largest that k-means-constrained (n_init=10) finishes in about a minute.
@@ -31,21 +37,24 @@ CPU_PROBLEMS = [
     (1500, 64, 30, "clustered"), (1536, 64, 48, "isotropic"),
     (2048, 64, 64, "clustered"), (2048, 128, 64, "isotropic"),
     (3072, 64, 96, "clustered"), (4096, 128, 128, "isotropic"),
+    (200, 8, 10, "uneven"), (300, 8, 15, "uneven"), (400, 16, 20, "uneven"), (600, 8, 30, "uneven"),
+    (600, 32, 12, "uneven"), (1000, 16, 40, "uneven"),
 ]
 FULL_SHAPE = (11008, 4096, 256)
 
 
 def make_rows(n: int, d: int, data: str, seed: int) -> torch.Tensor:
-    """Synthetic neuron rows: isotropic gaussian, or a gaussian mixture with uneven cluster popularity
-    (n/32 centres, Zipf-like weights) so the balance constraint has to split and merge clusters."""
+    """Synthetic neuron rows: isotropic gaussian, or a gaussian mixture with uneven cluster popularity so the
+    balance constraint has to split and merge clusters: "clustered" (n/32 centres, weights 1/rank^0.7, noise 0.8)
+    or "uneven" (n/20 centres, weights 1/rank, noise 0.5: where a poor seeding traps plain balanced k-means)."""
     gen = torch.Generator().manual_seed(seed)
     if data == "isotropic":
         return torch.randn(n, d, generator=gen)
-    n_centres = max(2, n // 32)
-    weights = 1.0 / torch.arange(1, n_centres + 1).float() ** 0.7
+    n_centres, power, noise = (max(2, n // 32), 0.7, 0.8) if data == "clustered" else (max(2, n // 20), 1.0, 0.5)
+    weights = 1.0 / torch.arange(1, n_centres + 1).float() ** power
     members = torch.multinomial(weights, n, replacement=True, generator=gen)
     centres = torch.randn(n_centres, d, generator=gen)
-    return centres[members] + 0.8 * torch.randn(n, d, generator=gen)
+    return centres[members] + noise * torch.randn(n, d, generator=gen)
 
 
 def timed(fn, device: torch.device):
@@ -61,25 +70,25 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
-def compare_cpu(iters: int) -> list[str]:
+def compare_cpu(iters: int, kinds: list[str]) -> list[str]:
     """Table rows: time and inertia (of L2-normalised rows) for ours with one seeding and with ten (as many
     as k-means-constrained's default n_init=10), for k-means-constrained, and the ratios ours / theirs."""
     from k_means_constrained import KMeansConstrained  # only the comparison needs it
 
-    rows = ["| n | d | k | data | ours 1 run (s) | ours 10 runs (s) | k-means-constrained (s) | inertia ours 1 "
-            "| inertia ours 10 | inertia theirs | ratio 1 run | ratio 10 runs |",
+    rows = [("| n | d | k | data | ours 1 run (s) | ours 10 runs (s) | k-means-constrained (s) | inertia ours 1 "
+             "| inertia ours 10 | inertia theirs | ratio 1 run | ratio 10 runs |"),
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(rows), flush=True)
     cpu = torch.device("cpu")
-    for n, d, k, data in CPU_PROBLEMS:
+    for n, d, k, data in (problem for problem in CPU_PROBLEMS if problem[3] in kinds):
         x = make_rows(n, d, data, seed=n + d + k)
-        one, t_one = timed(lambda: balanced_kmeans(x, k, iters=iters), cpu)
-        ten, t_ten = timed(lambda: balanced_kmeans(x, k, iters=iters, restarts=10), cpu)
+        one, t_one = timed(partial(balanced_kmeans, x, k, iters=iters), cpu)
+        ten, t_ten = timed(partial(balanced_kmeans, x, k, iters=iters, restarts=10), cpu)
         for labels in (one, ten):
             assert torch.equal(torch.bincount(labels, minlength=k), expert_sizes(n, k))
         unit = torch.nn.functional.normalize(x.double(), dim=1).numpy()
         solver = KMeansConstrained(n_clusters=k, size_min=n // k, size_max=-(-n // k), random_state=0)
-        fitted, t_theirs = timed(lambda: solver.fit(unit), cpu)
+        fitted, t_theirs = timed(partial(solver.fit, unit), cpu)
         theirs = torch.from_numpy(fitted.labels_.astype(np.int64))
         a, b, c = inertia(x, one), inertia(x, ten), inertia(x, theirs)
         rows.append(f"| {n} | {d} | {k} | {data} | {t_one:.2f} | {t_ten:.2f} | {t_theirs:.2f} | {a:.2f} | {b:.2f} "
@@ -108,8 +117,8 @@ def full_layer(device: torch.device, shape: tuple[int, int, int], iters: int, ru
     if baseline:
         old = load_baseline(baseline)
         variants = {f"baseline {Path(baseline).name}": lambda x: old(x, k, iters=iters)} | variants
-    rows = ["| data | variant | median time (s) | runs (s) | 32 layers (s) | inertia | vs first variant "
-            "| vs random | sizes exact |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [("| data | variant | median time (s) | runs (s) | 32 layers (s) | inertia | vs first variant "
+             "| vs random | sizes exact |"), "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(rows), flush=True)
     records = []
     for data in ("isotropic", "clustered"):
@@ -117,11 +126,11 @@ def full_layer(device: torch.device, shape: tuple[int, int, int], iters: int, ru
         rand = inertia(x, partition_labels(x, k, "random"))
         for _ in range(warmup):
             for fn in variants.values():
-                timed(lambda: fn(x), device)
+                timed(partial(fn, x), device)
         times, labels = {name: [] for name in variants}, {}
         for _ in range(runs):
             for name, fn in variants.items():
-                labels[name], seconds = timed(lambda: fn(x), device)
+                labels[name], seconds = timed(partial(fn, x), device)
                 times[name].append(seconds)
         first = None
         for name in variants:
@@ -160,6 +169,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--shape", default=",".join(map(str, FULL_SHAPE)),
                         help="with --full: n,d,k (default the LLaMA-2-7B layer 11008,4096,256)")
+    parser.add_argument("--data", nargs="+", default=["isotropic", "clustered", "uneven"],
+                        help="CPU comparison: which problems (isotropic, clustered, uneven; default all)")
     parser.add_argument("--baseline", help="with --full: a partition.py to time beside this one (e.g. main's)")
     parser.add_argument("--out", type=Path, help="also write the table (.md) and every run (.json) to this folder")
     parser.add_argument("--profile", action="store_true", help="with --full and --out: torch.profiler tables")
@@ -183,8 +194,9 @@ def main() -> None:
         rows, records = full_layer(device, shape, args.iters, args.runs, args.warmup, args.baseline,
                                    args.out if args.profile and args.out else None)
     else:
-        rows = compare_cpu(args.iters)
-    name = f"kmeans-{device.type}{'-full' if args.full else ''}"
+        rows = compare_cpu(args.iters, args.data)
+    subset = "" if args.full or len(args.data) == 3 else "-" + "-".join(args.data)
+    name = f"kmeans-{device.type}{'-full' if args.full else ''}{subset}"
     write_table(name, header + rows)
     if args.out:
         (args.out / f"{name}.md").write_text("\n".join(header + rows) + "\n")
