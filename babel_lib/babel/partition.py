@@ -17,7 +17,8 @@ PARTITION_METHODS = ("kmeans", "random", "contiguous", "coactivation")
 # Balanced assignment (see balanced_assignment): epsilon falls geometrically from EPS_START to EPS_END (in units
 # of the score spread), about EPS_FACTOR per phase; an early phase stops bidding once at most TAIL of the points
 # are free, the last one when its last STALL_ROUNDS rounds placed fewer than STALL_POINTS points; MAX_ROUNDS
-# caps the rounds of one assignment. Lloyd (see balanced_kmeans): HARTIGAN damps the leave-one-out
+# caps the rounds of one assignment; the shortest-path search checks for convergence every SWEEPS_PER_CHECK
+# Bellman-Ford sweeps (each check waits for the device). Lloyd (see balanced_kmeans): HARTIGAN damps the leave-one-out
 # correction; a run stops after PATIENCE iterations without a relative gain of TOL. Tuned on benchmarks/kmeans.py.
 EPS_START = 0.1
 EPS_END = 1e-4
@@ -26,9 +27,15 @@ TAIL = 1 / 64
 STALL_ROUNDS = 4
 STALL_POINTS = 2
 MAX_ROUNDS = 2000
+SWEEPS_PER_CHECK = 4
 HARTIGAN = 0.75
 PATIENCE = 3
 TOL = 1e-5
+# Exchange refinement (see _refine_by_swaps): each cluster looks for swaps with its SWAP_NEIGHBOURS nearest
+# clusters (by centre); a swap must gain more than SWAP_TOL times the mean squared row norm (float32 noise).
+SWAP_NEIGHBOURS = 16
+SWAP_TOL = 1e-5
+SWAP_ROUNDS = 10000
 
 
 def expert_sizes(n: int, k: int) -> Tensor:
@@ -101,23 +108,34 @@ def _shortest_insertions(scores: Tensor, owner: Tensor, caps: Tensor, prices: Te
         gain, entrant = (scores[free] - prices).max(0)
         dist = -gain
         pred = torch.full((k,), -1, dtype=torch.long, device=scores.device)
-        for _ in range(k):
-            via, arg = (dist[:, None] + edges).min(0)
-            better = via < dist
-            if not bool(better.any()):
+        for _ in range(0, k, SWEEPS_PER_CHECK):
+            before = dist
+            for _ in range(SWEEPS_PER_CHECK):
+                via, arg = (dist[:, None] + edges).min(0)
+                better = via < dist
+                dist, pred = torch.where(better, via, dist), torch.where(better, arg, pred)
+            if torch.equal(dist, before):
                 break
-            dist, pred = torch.where(better, via, dist), torch.where(better, arg, pred)
         spare = caps - torch.bincount(owner[owner >= 0], minlength=k)
         sink = (dist - prices).masked_fill(spare <= 0, torch.inf).argmin()
         path, hops = [int(sink)], pred.tolist()
         while hops[path[-1]] >= 0:
             path.append(hops[path[-1]])
-        for a, b in zip(path[1:], path[:-1]):
-            members = (owner == a).nonzero().squeeze(1)
-            owner[members[(scores[members, a] - scores[members, b]).argmin()]] = b
+        changed = torch.tensor(path, device=scores.device)
+        if len(path) > 1:  # every cluster a on the path hands its cheapest point to the next one, b, at once
+            target = torch.full((k,), -1, dtype=torch.long, device=scores.device)
+            target[changed[1:]] = changed[:-1]
+            movers = (target[owner.clamp_min(0)] >= 0).logical_and_(owner >= 0).nonzero().squeeze(1)
+            home = owner[movers]
+            loss = scores[movers, home] - scores[movers, target[home]]
+            least = torch.full((k,), torch.inf, dtype=loss.dtype, device=scores.device).scatter_reduce(
+                0, home, loss, "amin")
+            tied = movers.masked_fill(loss != least[home], owner.numel())
+            first = torch.full((k,), owner.numel(), dtype=torch.long, device=scores.device).scatter_reduce(
+                0, home, tied, "amin")[changed[1:]]
+            owner[first] = target[owner[first]]
         owner[free[entrant[path[-1]]]] = path[-1]
         prices -= torch.minimum(dist, dist[sink])
-        changed = torch.tensor(path, device=scores.device)
         base[changed] = _exchange_costs(scores, owner, changed)
 
 
@@ -230,9 +248,71 @@ def _check_rows(x: Tensor, k: int, what: str) -> None:
         raise BabelError(f"n_experts={k} is larger than the FFN width {x.shape[0]}; choose at most {x.shape[0]}")
 
 
-def _lloyd(x: Tensor, caps: Tensor, iters: int, gen: torch.Generator) -> tuple[Tensor, float]:
+def _slots(labels: Tensor, caps: Tensor) -> tuple[Tensor, Tensor]:
+    """Cluster members as a padded [k, max size] table of row indices (0 in padding) and its validity mask."""
+    k, width = caps.numel(), int(caps.max())
+    order = labels.argsort(stable=True)
+    sorted_labels = labels[order]
+    rank = torch.arange(labels.numel(), device=labels.device) - (caps.cumsum(0) - caps)[sorted_labels]
+    table = torch.zeros(k, width, dtype=torch.long, device=labels.device)
+    table[sorted_labels, rank] = order
+    return table, torch.arange(width, device=labels.device) < caps[:, None]
+
+
+def _refine_by_swaps(x: Tensor, labels: Tensor, caps: Tensor, gram: Tensor) -> Tensor:
+    """Improve a balanced labelling by exchanging pairs of points between clusters until no exchange lowers
+    the inertia; sizes never change and every accepted exchange lowers the inertia.
+
+    Exchanging a in cluster p with b in cluster q (means m, sizes c) raises the fit sum_j ||S_j||^2 / c_j by
+    2 (b - a).(m_p - m_q) + ||a - b||^2 (1/c_p + 1/c_q), exactly. Each round scores every exchange between
+    each cluster and its SWAP_NEIGHBOURS nearest clusters (gram = x x^T gives ||a - b||^2), each cluster picks
+    its best partner, and mutual best pairs exchange their best pair of points, all at once (disjoint pairs
+    of clusters, so the gains add). Escapes the local optima of Lloyd's step, where no single point can move
+    without breaking the sizes. Per round: an O(n*k*d) matmul and O(n * SWAP_NEIGHBOURS * max size) scores.
+    """
+    k = caps.numel()
+    arange = torch.arange(k, device=x.device)
+    self_dots = gram.diagonal()
+    tol = SWAP_TOL * float(self_dots.mean())
+    width = 1 / caps.to(x.dtype)
+    for _ in range(SWAP_ROUNDS):
+        table, valid = _slots(labels, caps)
+        centres = _cluster_sums(x, labels, k) / caps[:, None]
+        dots = x @ centres.T
+        lift = dots - dots.gather(1, labels[:, None])  # lift[i, q]: first-order gain of moving i to cluster q
+        near = (centres @ centres.T).fill_diagonal_(-math.inf).topk(min(SWAP_NEIGHBOURS, k - 1), dim=1).indices
+        mine, theirs = table[:, None, :, None], table[near][:, :, None, :]  # [k, L, w, 1] and [k, L, 1, w]
+        gain = 2 * (lift[mine, near[:, :, None, None]] + lift[theirs, arange[:, None, None, None]]) + (
+            (width[:, None] + width[near])[:, :, None, None]
+            * (self_dots[mine] + self_dots[theirs] - 2 * gram[mine, theirs]))
+        gain = gain.masked_fill(~(valid[:, None, :, None] & valid[near][:, :, None, :]), -math.inf)
+        best, where = gain.flatten(2).max(2)
+        a = table.gather(1, torch.div(where, table.shape[1], rounding_mode="floor"))
+        b = theirs.squeeze(2).gather(2, (where % table.shape[1])[:, :, None]).squeeze(2)
+        pair_gain = torch.full((k, k), -math.inf, dtype=x.dtype, device=x.device)
+        pair_gain[arange[:, None], near] = best
+        point_in_p = torch.zeros(k, k, dtype=torch.long, device=x.device)
+        point_in_q = torch.zeros_like(point_in_p)
+        point_in_p[arange[:, None], near], point_in_q[arange[:, None], near] = a, b
+        forward = pair_gain >= pair_gain.T
+        pair_gain = torch.maximum(pair_gain, pair_gain.T)
+        point_in_p, point_in_q = (torch.where(forward, point_in_p, point_in_q.T),
+                                  torch.where(forward, point_in_q, point_in_p.T))
+        gain_p, partner = pair_gain.max(1)
+        chosen = (partner[partner] == arange) & (arange < partner) & (gain_p > tol)
+        if not bool(chosen.any()):
+            break
+        p, q = chosen.nonzero().squeeze(1), partner[chosen]
+        i, j = point_in_p[p, q], point_in_q[p, q]
+        labels = labels.clone()
+        labels[i], labels[j] = q, p
+    return labels
+
+
+def _lloyd(x: Tensor, caps: Tensor, iters: int, gen: torch.Generator, gram: Tensor | None) -> tuple[Tensor, float]:
     """One balanced k-means run on prepared float32 rows: k-means++ seeding, then up to iters exact balanced
-    assignments and mean updates. Returns the best labelling seen and its fit sum_j ||S_j||^2 / |C_j|."""
+    assignments and mean updates, then (given the Gram matrix) exchange refinement. Returns the best labelling
+    seen and its fit sum_j ||S_j||^2 / |C_j|."""
     n, k = x.shape[0], caps.numel()
     self_dots = (x * x).sum(1)
     rows = torch.arange(n, device=x.device)
@@ -251,11 +331,13 @@ def _lloyd(x: Tensor, caps: Tensor, iters: int, gen: torch.Generator) -> tuple[T
         if stale >= PATIENCE or (labels is not None and torch.equal(new_labels, labels)):
             break
         labels, centres = new_labels, sums / caps[:, None]
-    return best_labels, best_fit
+    if gram is not None:
+        best_labels = _refine_by_swaps(x, best_labels, caps, gram)
+    return best_labels, float(((_cluster_sums(x, best_labels, k).double() ** 2).sum(1) / caps).sum())
 
 
 def balanced_kmeans(x: Tensor, k: int, *, iters: int = 30, seed: int = 0, normalize: bool = True,
-                    restarts: int = 1) -> Tensor:
+                    restarts: int = 1, swaps: bool = True) -> Tensor:
     """Exactly balanced k-means: labels [n] with clusters 0..r-1 of size q+1 and r..k-1 of size q (n = q*k + r).
 
     Minimises the k-means inertia sum_i ||x_i - m_{l(i)}||^2 (m_j the mean of cluster j) under exact sizes.
@@ -268,7 +350,10 @@ def balanced_kmeans(x: Tensor, k: int, *, iters: int = 30, seed: int = 0, normal
     are constant, so the assignment maximises sum_i x_i . m_{l(i)}. A point's score for its own cluster
     leaves out HARTIGAN (0.75) of its own contribution to the mean: Lloyd's step favours staying put because
     a point pulls its own mean, and removing that bias (as Hartigan's method does) reaches clearly better
-    optima in high dimension; the full correction overshoots when many points move at once. Per iteration:
+    optima in high dimension; the full correction overshoots when many points move at once. With swaps, each
+    run ends with exchange refinement (_refine_by_swaps: pairs of points trade clusters while that lowers the
+    inertia), which escapes the optima a poor seeding leaves on data with clusters of uneven popularity; it
+    costs an n x n Gram matrix. swaps=False is the plain algorithm (for comparison). Per iteration:
     one O(n*k*d) matmul, the assignment and an O(n*d) mean update; the seeding is k steps of O(n*d*log k).
     A run stops early when its labels stop changing or its fit has not improved for PATIENCE iterations,
     and returns the best labelling it saw; restarts > 1 keeps the best of independent seedings. All-zero rows
@@ -288,25 +373,27 @@ def balanced_kmeans(x: Tensor, k: int, *, iters: int = 30, seed: int = 0, normal
     from_end = sizes.flip(0).cumsum(0)
     whole = min(int((from_end <= zero.numel()).sum()), k - 1)
     if whole == 0:
-        return _best_run(x, k, iters, restarts, seed)
+        return _best_run(x, k, iters, restarts, seed, swaps)
     zero = zero[: int(from_end[whole - 1])]
     labels = torch.empty(n, dtype=torch.long, device=x.device)
     labels[zero] = torch.repeat_interleave(torch.arange(k - whole, k, device=x.device), sizes[k - whole:])
     rest = torch.ones(n, dtype=torch.bool, device=x.device)
     rest[zero] = False
     rest = rest.nonzero().squeeze(1)
-    labels[rest] = _best_run(x[rest], k - whole, iters, restarts, seed)
+    labels[rest] = _best_run(x[rest], k - whole, iters, restarts, seed, swaps)
     return labels
 
 
-def _best_run(x: Tensor, k: int, iters: int, restarts: int, seed: int) -> Tensor:
-    """Labels of the best of restarts balanced k-means runs on prepared float32 rows."""
+def _best_run(x: Tensor, k: int, iters: int, restarts: int, seed: int, swaps: bool) -> Tensor:
+    """Labels of the best of restarts balanced k-means runs on prepared float32 rows (each refined by
+    exchanges when swaps)."""
     n = x.shape[0]
     if k in (1, n):
         return _contiguous(n, k, x.device)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     caps = expert_sizes(n, k).to(x.device)
-    runs = [_lloyd(x, caps, iters, gen) for _ in range(restarts)]
+    gram = x @ x.T if swaps else None
+    runs = [_lloyd(x, caps, iters, gen, gram) for _ in range(restarts)]
     return max(runs, key=lambda run: run[1])[0]
 
 

@@ -1,11 +1,14 @@
 """Tests for babel_lib.babel.partition: size convention, exact balanced assignment, k-means quality, metrics."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from babel_lib import BabelError
+from babel_lib.babel import partition
 from babel_lib.babel.partition import (
     EPS_END,
     PARTITION_METHODS,
@@ -124,6 +127,92 @@ def test_kmeans_inertia_within_two_percent_of_kmeans_constrained(data, n, d, k):
     ours = inertia(x, balanced_kmeans(x, k))
     theirs = inertia(x, kmeans_constrained_labels(x, k))
     assert ours <= 1.02 * theirs
+
+
+def uneven(n: int, d: int, n_centres: int, seed: int) -> torch.Tensor:
+    """Gaussian mixture whose cluster popularity falls as 1/rank: the seeding traps plain balanced k-means."""
+    gen = torch.Generator().manual_seed(seed)
+    members = torch.multinomial(1.0 / torch.arange(1, n_centres + 1).float(), n, replacement=True, generator=gen)
+    return torch.randn(n_centres, d, generator=gen)[members] + 0.5 * torch.randn(n, d, generator=gen)
+
+
+def exchange_gains(unit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Inertia decrease of every exchange of two points of different clusters, by recomputing the inertia."""
+    before = inertia(unit, labels, normalize=False)
+    gains = []
+    for i, j in itertools.combinations(range(labels.numel()), 2):
+        if labels[i] != labels[j]:
+            swapped = labels.clone()
+            swapped[i], swapped[j] = labels[j], labels[i]
+            gains.append(before - inertia(unit, swapped, normalize=False))
+    return torch.tensor(gains)
+
+
+@pytest.mark.parametrize("n, k, seed", [(40, 5, 0), (43, 6, 1), (60, 12, 2)])
+def test_exchange_refinement_lowers_inertia_keeps_sizes_and_ends_at_a_swap_optimum(n, k, seed, monkeypatch):
+    """From a random balanced labelling, refinement keeps every size, never raises the inertia, and stops only
+    where no exchange of two points (all cluster pairs: neighbours = k - 1) lowers it (checked by brute force)."""
+    monkeypatch.setattr(partition, "SWAP_NEIGHBOURS", k - 1)
+    unit = torch.nn.functional.normalize(uneven(n, 4, 6, seed), dim=1)
+    start = partition_labels(unit, k, "random", seed=seed)
+    refined = partition._refine_by_swaps(unit, start, expert_sizes(n, k), unit @ unit.T)
+    assert torch.bincount(refined, minlength=k).tolist() == expert_sizes(n, k).tolist()
+    assert inertia(unit, refined, normalize=False) < inertia(unit, start, normalize=False)
+    assert float(exchange_gains(unit, refined).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("n, k", [(40, 5), (64, 8)])
+def test_exchange_refinement_never_raises_the_inertia_of_a_kmeans_run(n, k):
+    x = uneven(n, 6, 7, seed=n)
+    for seed in range(3):
+        plain = balanced_kmeans(x, k, seed=seed, swaps=False)
+        refined = balanced_kmeans(x, k, seed=seed)
+        assert torch.bincount(refined, minlength=k).tolist() == expert_sizes(n, k).tolist()
+        assert inertia(x, refined) <= inertia(x, plain) + 1e-9
+
+
+def all_balanced_labellings(n: int, k: int):
+    """Every partition of n points into clusters of the size convention's sizes (in any order), each once up to
+    relabelling: the first unlabelled point opens the next cluster, of each size still to be used."""
+    def fill(labels: list[int], sizes: list[int]):
+        if not sizes:
+            yield torch.tensor(labels)
+            return
+        first = labels.index(-1)
+        rest = [i for i in range(first + 1, n) if labels[i] == -1]
+        for size in set(sizes):
+            left = sizes.copy()
+            left.remove(size)
+            for others in itertools.combinations(rest, size - 1):
+                filled = labels.copy()
+                for i in (first, *others):
+                    filled[i] = k - 1 - len(left)
+                yield from fill(filled, left)
+    yield from fill([-1] * n, expert_sizes(n, k).tolist())
+
+
+def test_enumeration_counts_every_balanced_partition():
+    """11 points into sizes 4, 4, 3: 11! / (4! 4! 3! 2!) partitions, each once."""
+    labellings = list(all_balanced_labellings(11, 3))
+    assert len(labellings) == 5775
+    assert all(sorted(torch.bincount(labels).tolist()) == [3, 4, 4] for labels in labellings)
+
+
+@pytest.mark.parametrize("n, k, seed", [(9, 3, 3), (10, 2, 0), (11, 3, 0), (11, 3, 4), (12, 3, 3), (12, 4, 0)])
+def test_kmeans_within_one_percent_of_the_enumerated_optimum(n, k, seed):
+    """Ten seedings (as k-means-constrained's default); a single run can stop 3.5% above (9 points, seed 3)."""
+    x = uneven(n, 3, 4, seed)
+    best = min(inertia(x, labels) for labels in all_balanced_labellings(n, k))
+    assert inertia(x, balanced_kmeans(x, k, seed=seed, restarts=10)) <= 1.01 * best
+
+
+@pytest.mark.parametrize("n, d, k", [(200, 8, 10), (300, 8, 15), (400, 16, 20), (600, 8, 30)])
+def test_kmeans_within_one_percent_of_kmeans_constrained_on_uneven_mixtures(n, d, k):
+    """Ten seedings each (k-means-constrained's default n_init=10): plain balanced k-means ended up to 4%
+    above it on these problems; with exchange refinement it is within 1% (measured: 0.96 to 1.005)."""
+    x = uneven(n, d, k // 2 + 3, seed=n + k)
+    theirs = inertia(x, kmeans_constrained_labels(x, k))
+    assert inertia(x, balanced_kmeans(x, k, restarts=10)) <= 1.01 * theirs
 
 
 def test_kmeans_beats_random_on_cohesion():
