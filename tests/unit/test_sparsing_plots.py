@@ -49,7 +49,8 @@ def test_the_pareto_axis_cut_is_stated_with_the_points_it_hides():
 def test_every_language_is_in_the_frequency_legend():
     languages = ["en", "de", "ja", "zh-CN", "ru", "tr", "ar", "ko", "el", "he", "hi", "th", "vi", "fr", "es", "pt",
                  "it"]
-    table = pd.DataFrame({"language": languages, "activation_ratio": 0.3, "ppl_ratio": 1.01, "dense_perplexity": 9.0})
+    table = pd.DataFrame({"language": languages, "activation_ratio": 0.3, "activation_lo": 0.2, "activation_hi": 0.4,
+                          "ppl_ratio": 1.01, "ppl_lo": 1.0, "ppl_hi": 1.02, "dense_perplexity": 9.0, "windows": 5})
     result = LanguageResult("m", 0.2, 1.01, 0.01, table, np.random.default_rng(0).random((len(languages), 2, 8)))
     fig = frequency_figure([result])
     assert [t.name for t in fig.data if t.showlegend] == languages
