@@ -589,7 +589,8 @@ class SparseEvaluator:
         """Search c in (0, 1] until the perplexity ratio is within `tol` of 1 + p/100 (see `ppl_p`).
 
         In x = log2 c: first c = `start`; until the target is bracketed, x moves by `step` towards it (or, with
-        `slope` = d ratio / d x from an earlier search, by the secant step, at most `step`); once a c below and
+        `slope` = d ratio / d x from an earlier search, by the secant step, at most `step`; upwards at most half
+        way to x = 0, so c = 1, where every neuron is skipped, is never evaluated); once a c below and
         one above the target are known, regula falsi between the closest such pair, with a halving step whenever
         the same end was kept twice (the Illinois safeguard), so the bracket always shrinks.
         """
@@ -639,11 +640,10 @@ def _next_x(points: list[tuple[float, float]], kept: list[str], step: float, slo
             fb /= 2
         return lo[0] - fa * (hi[0] - lo[0]) / (fb - fa)
     x, f = points[-1]
-    if f <= 0 and x >= 0:  # c = 1 is below the target (CETT is not monotone): halve the gap from the largest c below
-        lower = [b for b, _ in below if b < 0]
-        return max(lower) / 2 if lower and max(lower) < -1e-6 else None
+    if f <= 0 and x >= 0:
+        return None  # c = 1 is below the target: nothing larger to try
     move = min(abs(f / slope), step) if slope and slope > 0 and len(points) == 1 else step
-    return min(x + move, 0.0) if f <= 0 else x - move
+    return min(x + move, x / 2) if f <= 0 else x - move  # upwards at most half way to c = 1, never onto it
 
 
 def evaluate_sparse(lm_or_model: LoadedModel | nn.Module, windows: torch.Tensor, method: str,
