@@ -1,7 +1,7 @@
-"""Notebook 04's studies of a model: CETT against top-k and FAT-ε on the Pareto curve (with PPL-p%), and
-sparsity per language at one CETT value. One call each, cached under a key derived from every parameter, the
-model's fingerprint and the corpus sha256 (`StudyParams.key`); each returns a result whose `findings()` are
-the sentences the notebook prints.
+"""Notebook 04's study of a model: PPL-p% on the full window set, CETT against top-k and FAT-ε on the Pareto curve
+of the sweep set, per layer and (read from the same full-set run) per language, every number with a bootstrap
+interval over windows. One call, cached under a key derived from every parameter, the model's fingerprint and
+the corpus sha256 (`StudyParams.key`); the results' `findings()` are the sentences the notebook prints.
 """
 
 from __future__ import annotations
@@ -127,9 +127,8 @@ class WindowSums:
     @classmethod
     def of(cls, evaluator: SparseEvaluator, runs: Sequence[SparseEval]) -> WindowSums:
         """The per-window sums of `runs` on the evaluator's windows."""
-        counted = torch.stack([evaluator._mask(w[None])[0].sum() for w in evaluator.windows])
         return cls(evaluator.dense_window_nll.numpy(), torch.stack([r.window_nll for r in runs]).numpy(),
-                   torch.stack([r.window_active for r in runs]).numpy(), counted.numpy(),
+                   torch.stack([r.window_active for r in runs]).numpy(), evaluator.window_counted.numpy(),
                    np.array([f.width for f in evaluator.layers]), evaluator.windows.shape[1] - 1)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -312,7 +311,7 @@ class ParetoResult:
                 f"model-level {self.activation_ratio:.3f}."]
 
 
-def _slope(trace: Sequence[Mapping[str, float]], target: float) -> float | None:
+def search_slope(trace: Sequence[Mapping[str, float]], target: float) -> float | None:
     """d(perplexity ratio) / d(log2 c) between the two visited c whose ratios lie closest to the target."""
     near = sorted(trace, key=lambda t: abs(t["ppl_ratio"] - target))[:2]
     if len(near) < 2 or near[0]["cett"] == near[1]["cett"]:
@@ -347,7 +346,7 @@ def pareto(store: ArtefactStore, lm: LoadedModel, params: ParetoParams, evaluati
         full = SparseEvaluator(lm, full_ids, batch_size=evaluation.batch_size, keep_activations=params.keep_activations,
                                groups=[params.windows_per_language] * len(langs))
         final = full.ppl_p(params.p, params.tol, max_iter=params.refine_iter, start=found.cett, step=1.0,
-                           slope=_slope(found.trace, target))
+                           slope=search_slope(found.trace, target))
         best = final.runs[[t["cett"] for t in final.trace].index(final.cett)]
         tensors = WindowSums.of(full, final.runs).tensors("full") | WindowSums.of(sweep, runs).tensors("sweep")
         tensors |= {"frequency": torch.stack([torch.stack(g) for g in best.group_frequency]),

@@ -51,7 +51,7 @@ def test_pareto_is_the_search_on_both_window_sets_by_hand(tiny, tmp_path):
     assert row["activation_lo"] <= row["activation_ratio"] <= row["activation_hi"]
     full = SparseEvaluator(lm, full_ids, batch_size=2, groups=[2, 2])
     final = full.ppl_p(PARETO.p, PARETO.tol, max_iter=PARETO.refine_iter, start=found.cett, step=1.0,
-                       slope=result_slope(found.trace, 1 + PARETO.p / 100))
+                       slope=search_slope(found.trace, 1 + PARETO.p / 100))
     assert result.cett == final.cett and result.full_cett == [t["cett"] for t in final.trace]
     assert result.activation_ratio == pytest.approx(final.activation_ratio, abs=1e-12)
     assert result.ppl_ratio == pytest.approx(final.ppl_ratio, rel=1e-12)
@@ -65,12 +65,6 @@ def test_pareto_is_the_search_on_both_window_sets_by_hand(tiny, tmp_path):
     assert _artefacts(tmp_path, ParetoParams.KIND) == 1 and again.activation_ratio == result.activation_ratio
     pareto(store, lm, PARETO, EVALUATION.replace(batch_size=1), TEXTS, corpus="sha")  # thresholds are per batch
     assert _artefacts(tmp_path, ParetoParams.KIND) == 2
-
-
-def result_slope(trace, target):
-    from babel_lib.sparsing.studies import _slope
-
-    return _slope(trace, target)
 
 
 def test_each_language_of_the_full_set_equals_that_language_evaluated_alone(tiny, tmp_path):
