@@ -214,7 +214,7 @@ class ParetoResult:
         draws = self.full.draws(self.replicates)
         ratios, acts = self.full.ppl_ratio(draws), self.full.activation_ratio(draws)
         self.activation_ratio = float(acts[self.best, 0])
-        self.activation_ci = _band(at_target(ratios, acts, target))
+        self.activation_ci = _band(np.clip(at_target(ratios, acts, target), 0.0, 1.0))  # extrapolations stay ratios
         self.ppl_ci = _band(ratios[self.best])
         layers = self.full.layer_ratio(draws)[self.best]  # [rows, L]
         self.layer_ratio, self.layer_ci = layers[0], np.percentile(layers[1:], [2.5, 97.5], axis=0).T
