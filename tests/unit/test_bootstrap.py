@@ -85,3 +85,17 @@ def test_mean_intervals_per_column_equal_a_loop_over_resamples():
     fig = perplexity_figure({"m": {"original": {"en": np.e, "ja": np.e ** 3}}})
     (bars,) = fig.data
     assert list(bars.x) == ["en", "ja", "all (95% CI)"] and bars.error_y.array[:2] == (0.0, 0.0)
+
+
+def test_03_means_over_sequences_carry_their_intervals():
+    import torch
+
+    from babel_lib.massive.plots import attention_mass_figure, layerwise_figure
+
+    top, median = torch.rand(6, 4, 3) * 100 + 1, torch.rand(6, 4) + 0.1
+    lines = [t for t in layerwise_figure({"m": (top, median)}).data if t.mode == "lines+markers"]
+    assert len(lines) == 4 and all(len(t.error_y.array) == 4 for t in lines)
+    fig = attention_mass_figure({"m": torch.rand(6, 4)}, {"m": 0.1}, {"m": (1, 2)})
+    (mass,) = [t for t in fig.data if t.name == "attention on them"]
+    low = np.asarray(mass.y) - np.asarray(mass.error_y.arrayminus)
+    assert (low >= 0).all() and len(mass.error_y.array) == 4

@@ -55,3 +55,16 @@ def test_every_language_is_in_the_frequency_legend():
     fig = frequency_figure([result])
     assert [t.name for t in fig.data if t.showlegend] == languages
     assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0  # a row below the panel, not cut
+
+
+def test_every_sampled_point_carries_its_interval():
+    from babel_lib.sparsing.plots import language_figure, layer_figure
+    from babel_lib.sparsing.studies import LanguageParams, by_language
+
+    result = pareto_result()
+    points = [t for t in pareto_figure([result]).data if t.name != "dense model"]
+    assert points and all(t.error_x.array is not None and t.error_y.array is not None for t in points)
+    (layers,) = layer_figure([result]).data
+    assert len(layers.error_y.array) == len(result.layer_ratio)
+    bars = language_figure([by_language(result, LanguageParams(rare=0.01))]).data
+    assert all(t.error_y.array is not None for t in bars)
