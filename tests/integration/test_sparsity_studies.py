@@ -18,6 +18,7 @@ from babel_lib.sparsing.studies import (
     ParetoParams,
     by_language,
     pareto,
+    search_slope,
 )
 
 TEXTS = {"en": ["The quick brown fox jumps over the lazy dog, twice, and then it runs away into the wood."] * 3,
