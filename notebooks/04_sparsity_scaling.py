@@ -33,8 +33,17 @@
 # of ‖n_i‖, so each layer's threshold is searched over those values (bisection, then an exact scan of the last
 # bracket), not on a grid. As in the paper's reference code, each batch's thresholds are derived from that
 # batch's dense activations at the current c, then applied (h_i zeroed where ‖n_i‖ < t_l) in a second pass that
-# measures the loss and the activation ratio. PPL-p% bisects c in [0, 1] until the perplexity ratio is within
-# `tol` of 1 + p/100.
+# measures the loss and the activation ratio. PPL-p% searches c in (0, 1] (steps in log2 c until the target is
+# bracketed, then interpolation) until the perplexity ratio is within `tol` of 1 + p/100.
+#
+# How much text (the paper's validation set is large; ours must fit a CPU budget): PPL-p%, the per-layer and the
+# per-language numbers come from the **full set** — `windows_per_language` held-out windows of every language of
+# `pareto_languages` (85 windows, 10,795 predicted tokens on the default profile). The Pareto curves of all
+# methods come from the **sweep set**, the first `sweep_windows` window(s) of each language, where the search
+# also finds the c from which the full set's search starts. One dense pass per set serves every evaluation: it
+# gives the dense loss, the |s| sample that places FAT-ε, and the down-projection inputs from which every CETT
+# value's thresholds are searched without another forward. Every interval is a 95 % percentile bootstrap over
+# windows (the independent units: 1,000 resamples, thresholds as derived per batch).
 
 # %% tags=["parameters"]
 profile = "default"  # configs/<profile>.yaml
@@ -90,8 +99,8 @@ pd.Series({k: v for k, v in P.items()}).to_frame("value")
 #
 # Perplexity is only comparable at a fixed sequence length and text, so every number below is measured on
 # windows of exactly `seq_len` tokens cut from the **held-out** split: `windows_per_language` window(s) in each
-# of `pareto_languages` for the Pareto curves and PPL-p%, and `language_windows` per language for the
-# per-language analysis. Statistics count text tokens only (BOS is excluded); the loss covers every next-token
+# of `pareto_languages` (the full set; batches never mix languages), of which the first `sweep_windows` per
+# language form the sweep set. Statistics count text tokens only (BOS is excluded); the loss covers every next-token
 # prediction of a window.
 
 # %%
@@ -105,19 +114,24 @@ rows = []
 for name, lm in models.items():
     layers = ffn_layers(lm.model)
     rows.append({"model": name, "layers": len(layers), "d_ff": layers[0].width, "gated": layers[0].gated,
-                 "activation": type(layers[0].act).__name__, "Pareto windows": len(pareto_params.pareto_languages) *
-                 pareto_params.windows_per_language, "seq_len": evaluation.seq_len, "weights": lm.card})
+                 "activation": type(layers[0].act).__name__,
+                 "full set windows": len(pareto_params.pareto_languages) * pareto_params.windows_per_language,
+                 "sweep set windows": len(pareto_params.pareto_languages) * pareto_params.sweep_windows,
+                 "seq_len": evaluation.seq_len, "weights": lm.card})
 pd.DataFrame(rows).set_index("model")
 
 # %% [markdown]
 # ## Perplexity against activation ratio (the paper's Fig. 2)
 #
-# For each model: the PPL-p% bisection over c (every c it visits is a point of the CETT curve, plus any
-# `cett_values`), top-k at kept fractions `topk_ratios` (the k largest |s_i| per token, s the gate activation
-# act(W_gate x); the same fraction in every layer), and FAT-ε at one ε for all layers, placed at the
-# `fat_quantiles` of the pooled |s| distribution. We compare the methods at CETT's own PPL-p% activation ratio,
-# interpolating each baseline's sweep there. A bisection that does not reach its target within `tol` is
-# reported with a warning, and its numbers are those of the closest c it visited.
+# For each model, on the sweep set: the PPL-p% search over c (every c it visits is a point of the CETT curve,
+# plus any `cett_values`), top-k at kept fractions `topk_ratios` (the k largest |s_i| per token, s the gate
+# activation act(W_gate x); the same fraction in every layer), and FAT-ε at one ε for all layers, placed at the
+# `fat_quantiles` of the pooled |s| distribution; each point with its bootstrap interval on both axes. We compare
+# the methods at CETT's own PPL-p% activation ratio, interpolating each baseline's sweep there, in every bootstrap
+# resample (so the comparison carries an interval). The star is PPL-p% on the full set: its activation ratio's
+# interval comes from re-locating the target ratio in each resample (between the full set's evaluations nearest
+# it). A search that does not reach its target within `tol` is reported with a warning, and its numbers are
+# those of the closest c it visited.
 
 # %%
 results = [pareto(store, lm, pareto_params, evaluation, heldout, corpus_sha256) for lm in models.values()]
@@ -128,9 +142,11 @@ summary
 # %%
 fig = pareto_figure(results)
 save_figure(fig, "pareto", P, caption(P, weights, seq_len=evaluation.seq_len,
-                                      windows=f"{pareto_params.windows_per_language}/language held-out",
-                                      languages="/".join(pareto_params.pareto_languages), p=pareto_params.p,
+                                      curves=f"sweep set {pareto_params.sweep_windows}/language held-out",
+                                      star=f"full set {pareto_params.windows_per_language}/language held-out",
+                                      languages=len(pareto_params.pareto_languages), p=pareto_params.p,
                                       tol=pareto_params.tol, methods="CETT, top-k, FAT-ε",
+                                      intervals=f"95% bootstrap over windows ({pareto_params.replicates} resamples)",
                                       y_axis="cut at 1.5x dense perplexity"), width=1400, height=550)
 fig.show()
 print("\n".join(line for r in results for line in r.findings()))
@@ -138,33 +154,35 @@ print("\n".join(line for r in results for line in r.findings()))
 # %% [markdown]
 # ## PPL-1% sparsity per layer
 #
-# The activation ratio of each layer at the PPL-p% thresholds (1 − the layer's sparsity), over relative depth
-# so the two models share one axis.
+# The activation ratio of each layer at the PPL-p% thresholds (1 − the layer's sparsity) on the full set, with
+# its bootstrap interval, over relative depth so the two models share one axis.
 
 # %%
 fig = layer_figure(results)
 save_figure(fig, "layers", P, caption(P, weights, seq_len=evaluation.seq_len, p=pareto_params.p,
-                                      tol=pareto_params.tol, languages="/".join(pareto_params.pareto_languages),
-                                      method="CETT"))
+                                      tol=pareto_params.tol, languages=len(pareto_params.pareto_languages),
+                                      windows=f"full set {pareto_params.windows_per_language}/language held-out",
+                                      intervals="95% bootstrap over windows", method="CETT"))
 fig.show()
 print("\n".join(line for r in results for line in r.layer_findings()))
 
 # %% [markdown]
 # ## Sparsity per language
 #
-# A PPL-p% bisection per language would multiply the cost by 17, so c is fixed at each model's pooled PPL-p%
-# value from above; then, per language, thresholds are re-derived on that language's own windows (as always,
-# per batch), and we report its activation ratio, its perplexity ratio at that c, and every neuron's activation
-# frequency (the share of the language's tokens on which the neuron is kept).
+# A PPL-p% search per language would multiply the cost by 17, so c is fixed at each model's pooled PPL-p%
+# value from above. The full set's batches never mix languages, so each language's thresholds are derived on its
+# own windows (as always, per batch) and its numbers are read from the pooled run without another forward: its
+# activation ratio and perplexity ratio at that c, each with a bootstrap interval over the language's
+# `windows_per_language` windows (few units: the intervals are rough), and every neuron's activation frequency
+# (the share of the language's tokens on which the neuron is kept).
 
 # %%
-target = 1 + pareto_params.p / 100
-per_language = [by_language(store, lm, language_params, evaluation, heldout, corpus_sha256, cett=r.cett, target=target)
-                for lm, r in zip(models.values(), results)]
+per_language = [by_language(r, language_params) for r in results]
 fig = language_figure(per_language)
 save_figure(fig, "languages", P, caption(P, weights, seq_len=evaluation.seq_len,
-                                         windows=f"{language_params.language_windows}/language held-out",
-                                         p=pareto_params.p, cett="pooled PPL-p% value per model", method="CETT"),
+                                         windows=f"full set {pareto_params.windows_per_language}/language held-out",
+                                         p=pareto_params.p, cett="pooled PPL-p% value per model", method="CETT",
+                                         intervals="95% bootstrap over the language's windows"),
             width=1300)
 fig.show()
 print("\n".join(line for r in per_language for line in r.findings()))
@@ -179,7 +197,7 @@ language_table(per_language).round(4)
 # %%
 fig = frequency_figure(per_language)
 save_figure(fig, "frequency", P, caption(P, weights, seq_len=evaluation.seq_len,
-                                         windows=f"{language_params.language_windows}/language held-out",
+                                         windows=f"full set {pareto_params.windows_per_language}/language held-out",
                                          p=pareto_params.p, cett="pooled PPL-p% value per model"),
             width=1400, height=650)
 fig.show()

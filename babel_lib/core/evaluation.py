@@ -56,7 +56,8 @@ def window_loss(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
     mine = distributed.shard(starts) if distribute else list(enumerate(starts))
 
     def work() -> list[float]:
-        return [_batch_nll(model, windows[start : start + batch_size].to(device), chunk) for _, start in mine]
+        return [float(window_nll(model, windows[start : start + batch_size].to(device), chunk).sum())
+                for _, start in mine]
 
     if not distribute:
         return Loss(sum(work()), windows[:, 1:].numel())
@@ -65,13 +66,14 @@ def window_loss(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
     return Loss(sum(nll.tolist()), windows[:, 1:].numel())
 
 
-def _batch_nll(model: nn.Module, ids: torch.Tensor, chunk: int) -> float:
-    """Summed next-token NLL of one batch of windows, the LM head applied `chunk` positions at a time."""
+def window_nll(model: nn.Module, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Summed next-token NLL of each window of one batch [B, T] (float64 [B]), the LM head `chunk` positions at a
+    time; per-window sums are what a bootstrap over windows resamples."""
     hidden = run_decoder(model, ids)[:, :-1]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = ids[:, 1:].reshape(-1)
-    total = 0.0
+    per_position = torch.empty(targets.numel(), dtype=torch.float64, device=targets.device)
     for i in range(0, targets.numel(), chunk):
         logp = torch.log_softmax(lm_logits(model, hidden[i : i + chunk]), dim=-1)
-        total += -logp.gather(1, targets[i : i + chunk, None]).sum().item()
-    return total
+        per_position[i : i + chunk] = -logp.gather(1, targets[i : i + chunk, None])[:, 0].double()
+    return per_position.view(ids.shape[0], -1).sum(dim=1).cpu()

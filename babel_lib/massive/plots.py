@@ -3,11 +3,14 @@ interventions and attention. Each function takes arrays and returns a plotly fig
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
+
+from babel_lib.massive.stats import bootstrap, mean_intervals
 
 LINES = (("top-1", "#d62728"), ("top-2", "#ff7f0e"), ("top-3", "#2ca02c"), ("median", "#1f77b4"))
 KIND_COLOURS = {"start": "#d62728", "delimiter": "#1f77b4", "other": "#7f7f7f"}
@@ -28,8 +31,17 @@ def _band(fig, x, low, high, colour, row, col):
                              line={"width": 0}, hoverinfo="skip", showlegend=False), row=row, col=col)
 
 
+def _mean_bars(values: torch.Tensor) -> dict:
+    """Error bars of the mean over windows of [N, L]: its 95 % bootstrap interval per column."""
+    low, high = mean_intervals(values)
+    centre = values.double().mean(0)
+    return {"type": "data", "symmetric": False, "array": (high - centre).tolist(),
+            "arrayminus": (centre - low).tolist(), "thickness": 1}
+
+
 def layerwise_figure(panels: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> go.Figure:
-    """Per layer: top-1/2/3 |h| and the median |h| (mean over sequences, band = min..max), one panel per run.
+    """Per layer: top-1/2/3 |h| and the median |h| (mean over sequences with its 95 % bootstrap interval as error
+    bars; band = min..max over sequences), one panel per run.
 
     panels[label] = (magnitudes [N, L, 3], median [N, L]).
     """
@@ -40,11 +52,13 @@ def layerwise_figure(panels: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) ->
         for (name, colour), values in zip(LINES, series):
             _band(fig, x, values.min(0).values.tolist(), values.max(0).values.tolist(), colour, 1, col)
             fig.add_trace(go.Scatter(x=x, y=values.mean(0).tolist(), mode="lines+markers", name=name,
-                                     legendgroup=name, showlegend=col == 1, line={"color": colour}), row=1, col=col)
+                                     legendgroup=name, showlegend=col == 1, line={"color": colour},
+                                     error_y=_mean_bars(values)), row=1, col=col)
         fig.update_xaxes(title_text="layer", row=1, col=col)
         fig.update_yaxes(type="log", row=1, col=col)
     fig.update_yaxes(title_text="|h| (residual stream)", row=1, col=1)
-    fig.update_layout(title="Top-1/2/3 and median magnitude of the residual stream per layer")
+    fig.update_layout(title="Top-1/2/3 and median magnitude of the residual stream per layer (mean over sequences, "
+                            "bars: 95% bootstrap interval, band: min-max)")
     return fig
 
 
@@ -102,11 +116,13 @@ def language_figure(values: Mapping[str, Mapping[str, torch.Tensor]], labels: Ma
 
 
 def perplexity_figure(ppl: Mapping[str, Mapping[str, Mapping[str, float]]]) -> go.Figure:
-    """Per-language perplexity under each intervention (log axis), one panel per model.
+    """Per-language perplexity under each intervention (log axis), one panel per model, and "all": the perplexity
+    of every language's windows pooled (equal lengths), with its 95 % bootstrap interval over languages.
 
     ppl[model][condition][language] = perplexity (inf drawn at the top of the panel).
     """
-    title = "Perplexity when massive activations are zeroed or set to their mean"
+    title = ("Perplexity when massive activations are zeroed or set to their mean (per language; all: pooled, "
+             "bar = 95% bootstrap interval over languages)")
     if not ppl:
         return _nothing_found(title)
     palette = ["#2ca02c", "#d62728", "#1f77b4", "#8c564b", "#9467bd", "#7f7f7f"]
@@ -115,12 +131,27 @@ def perplexity_figure(ppl: Mapping[str, Mapping[str, Mapping[str, float]]]) -> g
         finite = [v for per in conditions.values() for v in per.values() if v != float("inf")]
         ceiling = max(finite) * 10 if finite else 1e6
         for i, (condition, per) in enumerate(conditions.items()):
-            fig.add_trace(go.Bar(x=list(per), y=[min(v, ceiling) for v in per.values()], name=condition,
-                                 legendgroup=condition, showlegend=row == 1, marker_color=palette[i % len(palette)],
-                                 hovertext=[f"{v:.4g}" for v in per.values()]), row=row, col=1)
+            values = list(per.values())
+            pooled = _pooled(values)
+            bars = [min(v, ceiling) for v in values] + [min(pooled[0], ceiling)]
+            errors = {"type": "data", "symmetric": False, "array": [0.0] * len(values) + [pooled[2] - pooled[0]],
+                      "arrayminus": [0.0] * len(values) + [pooled[0] - pooled[1]], "thickness": 1}
+            fig.add_trace(go.Bar(x=list(per) + ["all (95% CI)"], y=bars, name=condition, legendgroup=condition,
+                                 showlegend=row == 1, marker_color=palette[i % len(palette)],
+                                 error_y=errors if all(math.isfinite(p) for p in pooled) else None,
+                                 hovertext=[f"{v:.4g}" for v in values + [pooled[0]]]), row=row, col=1)
         fig.update_yaxes(type="log", title_text="perplexity", row=row, col=1)
     fig.update_layout(title=title, barmode="group")
     return fig
+
+
+def _pooled(perplexities: Sequence[float]) -> tuple[float, float, float]:
+    """exp(mean NLL) over equal-length windows given their perplexities, and its bootstrap interval."""
+    nll = torch.tensor([math.log(p) if p < math.inf else math.inf for p in perplexities], dtype=torch.float64)
+    if not bool(torch.isfinite(nll).all()):
+        return math.inf, math.inf, math.inf
+    est, low, high = bootstrap(nll)
+    return math.exp(est), math.exp(low), math.exp(high)
 
 
 def attention_heatmaps(maps: Mapping[str, Mapping[int, torch.Tensor]],
@@ -149,13 +180,15 @@ def attention_heatmaps(maps: Mapping[str, Mapping[int, torch.Tensor]],
 
 def attention_mass_figure(mass: Mapping[str, torch.Tensor], baseline: Mapping[str, float],
                           spans: Mapping[str, tuple[int, int]]) -> go.Figure:
-    """Per layer: share of attention on massive-activation tokens (mean, band = min..max over sequences), with the
+    """Per layer: share of attention on massive-activation tokens (mean with its 95 % bootstrap interval over
+    sequences as error bars, band = min..max over sequences), with the
     uniform-attention baseline; shaded: the layers whose input carries the massive activation (it is in the
     output of blocks first..last, so in the input of blocks first+1..last+1).
 
     mass[model] = [N, L]; baseline[model] = float; spans[model] = (first layer, last layer) of the activation.
     """
-    title = "Share of attention on the massive-activation tokens per layer"
+    title = ("Share of attention on the massive-activation tokens per layer (mean over sequences, bars: 95% "
+             "bootstrap interval, band: min-max)")
     if not mass:
         return _nothing_found(title)
     fig = make_subplots(rows=1, cols=len(mass), subplot_titles=list(mass), shared_yaxes=True)
@@ -163,7 +196,8 @@ def attention_mass_figure(mass: Mapping[str, torch.Tensor], baseline: Mapping[st
         x = list(range(values.shape[1]))
         _band(fig, x, values.min(0).values.tolist(), values.max(0).values.tolist(), "#1f77b4", 1, col)
         fig.add_trace(go.Scatter(x=x, y=values.mean(0).tolist(), mode="lines+markers", name="attention on them",
-                                 legendgroup="mass", showlegend=col == 1, line={"color": "#1f77b4"}), row=1, col=col)
+                                 legendgroup="mass", showlegend=col == 1, line={"color": "#1f77b4"},
+                                 error_y=_mean_bars(values)), row=1, col=col)
         fig.add_trace(go.Scatter(x=x, y=[baseline[model]] * len(x), mode="lines", name="uniform causal attention",
                                  legendgroup="base", showlegend=col == 1, line={"color": "#7f7f7f", "dash": "dash"}),
                       row=1, col=col)

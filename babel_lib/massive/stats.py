@@ -1,10 +1,13 @@
-"""Uncertainty of a statistic over sampled windows: a percentile bootstrap."""
+"""Uncertainty of a statistic over sampled windows: the percentile bootstrap of `babel_lib.core.bootstrap` on
+one value per window, with the statistics notebook 03 uses."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+
+from babel_lib.core.bootstrap import LEVEL, interval, resamples
 
 
 def mean(sample: torch.Tensor) -> torch.Tensor:
@@ -24,8 +27,17 @@ def bootstrap(values: torch.Tensor, statistic: Callable[[torch.Tensor], torch.Te
     x = torch.as_tensor(values, dtype=torch.float64).flatten()
     if x.numel() == 0:
         raise ValueError("bootstrap needs at least one value")
-    gen = torch.Generator().manual_seed(seed)
-    stats = statistic(x[torch.randint(x.numel(), (n_resamples, x.numel()), generator=gen)])
-    tail = (1 - level) / 2
-    low, high = torch.quantile(stats, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    replicates = statistic(x[torch.from_numpy(resamples(x.numel(), n_resamples, seed))])
+    low, high = interval(replicates.numpy(), level)
     return float(statistic(x[None])[0]), low, high
+
+
+def mean_intervals(values: torch.Tensor, n_resamples: int = 2000, level: float = LEVEL,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of [N, L] (N sampled windows), the percentile-bootstrap interval of the mean over windows:
+    (low [L], high [L]); the same resamples for every column."""
+    x = torch.as_tensor(values, dtype=torch.float64)
+    means = x[torch.from_numpy(resamples(x.shape[0], n_resamples, seed))].mean(dim=1)  # [R, L]
+    bounds = [interval(means[:, j].numpy(), level) for j in range(x.shape[1])]
+    return (torch.tensor([b[0] for b in bounds], dtype=torch.float64),
+            torch.tensor([b[1] for b in bounds], dtype=torch.float64))

@@ -31,30 +31,33 @@ def spread(values: Sequence[float]) -> float:
 
 
 def cett_beats_baselines(results: Sequence[ParetoResult]) -> Verdict:
-    """CETT against top-k and FAT-ε at CETT's own PPL-p% activation ratio, per model."""
-    ratios, parts, unconverged = [], [], []
+    """CETT against top-k and FAT-ε at CETT's own PPL-p% activation ratio, per model, with bootstrap intervals."""
+    found, parts, unconverged = [], [], []
     for r in results:
         here = []
         for method in BASELINES:
-            at = r.at_cett_ratio(method)
-            if at is not None:
-                ratios.append(at / r.perplexity)
-                here.append(f"{method} {at / r.perplexity:.2f}x CETT's perplexity")
+            cmp = r.comparison(method)
+            if cmp is not None:
+                found.append(cmp)
+                here.append(f"{method} {cmp[0]:.3f}x CETT's perplexity (95% CI {cmp[1]:.3f}-{cmp[2]:.3f})")
             else:
                 here.append(f"{method}: its sweep does not reach that ratio")
         if not r.converged:
             unconverged.append(r.model)
-        parts.append(f"{r.model} at activation ratio {r.activation_ratio:.3f}: " + ", ".join(here)
-                     + f" ({r.tokens:,} predicted tokens, one evaluation set, no CI)")
-    ours = "; ".join(parts) + (f"; bisection did not converge for {', '.join(unconverged)}" if unconverged else "")
-    better = sum(x > 1 for x in ratios)
-    verdict = "not attempted" if not ratios else decide(better == len(ratios) and not unconverged,
-                                                        better >= len(ratios) / 2)
+        lo, hi = r.activation_ci
+        parts.append(f"{r.model}: PPL-{r.p:g}% activation ratio {r.activation_ratio:.3f} (95% CI {lo:.3f}-{hi:.3f}, "
+                     f"{r.tokens:,} tokens); on the sweep set ({r.sweep_tokens:,} tokens) " + ", ".join(here))
+    ours = "; ".join(parts) + (f"; the search did not converge for {', '.join(unconverged)}" if unconverged else "")
+    sure = sum(lo > 1 for _, lo, _ in found)
+    better = sum(value > 1 for value, _, _ in found)
+    verdict = "not attempted" if not found else decide(sure == len(found) and not unconverged,
+                                                       better >= len(found) / 2)
     return Verdict(PAPER_NAME, "CETT (PPL-p%) gives a better perplexity-activation trade-off than top-k and FAT-ε",
                    "Fig. 2: CETT's Pareto curve lies below top-k's and FAT-ε's (shown, not tabulated)", ours, verdict,
-                   "baseline perplexity / CETT's at CETT's PPL-1% activation ratio (interpolated on the sweep): "
-                   "reproduced if > 1 in every comparison and every bisection converged; partly if > 1 in at least "
-                   "half; not attempted if no sweep reaches that ratio")
+                   "baseline perplexity / CETT's at CETT's PPL-1% activation ratio (interpolated on the sweep set, 95% "
+                   "bootstrap interval over windows): reproduced if the interval lies above 1 in every comparison and "
+                   "every search converged; partly if the ratio is > 1 in at least half; not attempted if no sweep "
+                   "reaches that ratio")
 
 
 def relu_sparser(zoo: ScalingResult) -> Verdict:

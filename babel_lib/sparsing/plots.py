@@ -21,70 +21,88 @@ METHOD_STYLE = {"cett": ("CETT (sweep c)", "#d62728"), "topk": ("top-k", "#1f77b
 FORM_COLOUR = {"relu": "#1f77b4", "silu": "#d62728"}
 
 
+def _bars(values, low, high) -> dict:
+    """A plotly error-bar spec from a point and its interval."""
+    values, low, high = (np.asarray(v, dtype=float) for v in (values, low, high))
+    return {"type": "data", "symmetric": False, "array": high - values, "arrayminus": values - low, "thickness": 1}
+
+
 def pareto_figure(results: Sequence[ParetoResult], ceiling: float = 1.5) -> go.Figure:
-    """Perplexity against activation ratio per method, one panel per model, with each PPL-p% point.
+    """Perplexity ratio against activation ratio per method on the sweep set, one panel per model, with 95 %
+    bootstrap intervals (both axes), and the full set's PPL-p% point with its intervals.
 
     The y axis stops at `ceiling` × the dense perplexity; an annotation in each panel says so and counts the
     points above it.
     """
-    points = {r.model: r.points for r in results}
-    dense = {r.model: r.dense_perplexity for r in results}
-    chosen = {r.model: (r.activation_ratio, r.perplexity) for r in results}
-    models = list(points)
+    models = [r.model for r in results]
     fig = make_subplots(rows=1, cols=len(models), subplot_titles=models)
-    for col, model in enumerate(models, start=1):
-        for method, group in points[model].groupby("method", sort=False):
+    for col, r in enumerate(results, start=1):
+        for method, group in r.points.groupby("method", sort=False):
             group = group.sort_values("activation_ratio")
             label, colour = METHOD_STYLE[method]
-            fig.add_trace(go.Scatter(x=group["activation_ratio"], y=group["perplexity"], mode="lines+markers",
-                                     name=label, legendgroup=method, showlegend=col == 1, line={"color": colour}),
+            fig.add_trace(go.Scatter(x=group["activation_ratio"], y=group["ppl_ratio"], mode="lines+markers",
+                                     name=f"{label}, sweep set", legendgroup=method, showlegend=col == 1,
+                                     line={"color": colour},
+                                     error_x=_bars(group["activation_ratio"], group["activation_lo"],
+                                                   group["activation_hi"]),
+                                     error_y=_bars(group["ppl_ratio"], group["ppl_lo"], group["ppl_hi"])),
                           row=1, col=col)
-        fig.add_trace(go.Scatter(x=[0, 1], y=[dense[model]] * 2, mode="lines", name="dense model",
-                                 legendgroup="dense", showlegend=col == 1, line={"color": "black", "dash": "dot"}),
-                      row=1, col=col)
-        ratio, ppl = chosen[model]
-        fig.add_trace(go.Scatter(x=[ratio], y=[ppl], mode="markers", marker={"symbol": "star", "size": 14,
-                                 "color": "black"}, name="PPL-p% (CETT)", legendgroup="chosen", showlegend=col == 1),
+        fig.add_trace(go.Scatter(x=[0, 1], y=[1, 1], mode="lines", name="dense model", legendgroup="dense",
+                                 showlegend=col == 1, line={"color": "black", "dash": "dot"}), row=1, col=col)
+        (a_lo, a_hi), (r_lo, r_hi) = r.activation_ci, r.ppl_ci
+        fig.add_trace(go.Scatter(x=[r.activation_ratio], y=[r.ppl_ratio], mode="markers",
+                                 marker={"symbol": "star", "size": 14, "color": "black"},
+                                 error_x=_bars([r.activation_ratio], [a_lo], [a_hi]),
+                                 error_y=_bars([r.ppl_ratio], [r_lo], [r_hi]),
+                                 name="PPL-p% (CETT), full set", legendgroup="chosen", showlegend=col == 1),
                       row=1, col=col)
         fig.update_xaxes(title_text="activation ratio (1 − sparsity)", range=[0, 1.02], row=1, col=col)
-        fig.update_yaxes(range=[0.98 * dense[model], ceiling * dense[model]], row=1, col=col)
-        above = int((points[model]["perplexity"] > ceiling * dense[model]).sum())
+        fig.update_yaxes(range=[0.98, ceiling], row=1, col=col)
+        above = int((r.points["ppl_ratio"] > ceiling).sum())
         fig.add_annotation(text=f"y axis cut at {ceiling:g}× dense perplexity: {above} point(s) above, not shown",
                            xref="x domain" if col == 1 else f"x{col} domain",
                            yref="y domain" if col == 1 else f"y{col} domain", x=0.02, y=0.98, showarrow=False,
                            xanchor="left", yanchor="top", font={"size": 11})
-    fig.update_yaxes(title_text="perplexity", row=1, col=1)
-    fig.update_layout(title="Perplexity against activation ratio per sparsity method")
+    fig.update_yaxes(title_text="perplexity / dense perplexity", row=1, col=1)
+    fig.update_layout(title="Perplexity ratio against activation ratio per sparsity method (bars: 95% bootstrap "
+                            "intervals over windows)")
     return fig
 
 
 def layer_figure(results: Sequence[ParetoResult]) -> go.Figure:
-    """Activation ratio per layer at PPL-p%, one line per model over relative depth."""
+    """Activation ratio per layer at PPL-p% (full set) with 95 % bootstrap intervals, one line per model over
+    relative depth."""
     fig = go.Figure()
-    for model, ratio in ((r.model, r.layer_ratio) for r in results):
-        ratio = np.asarray(ratio)
+    for r in results:
+        ratio = np.asarray(r.layer_ratio)
         depth = np.arange(len(ratio)) / max(len(ratio) - 1, 1)
-        fig.add_trace(go.Scatter(x=depth, y=ratio, mode="lines+markers", name=model,
+        fig.add_trace(go.Scatter(x=depth, y=ratio, mode="lines+markers", name=r.model,
+                                 error_y=_bars(ratio, r.layer_ci[:, 0], r.layer_ci[:, 1]),
                                  text=[f"layer {i}" for i in range(len(ratio))]))
     fig.update_xaxes(title_text="relative depth (layer / (n_layers − 1))")
     fig.update_yaxes(title_text="activation ratio", rangemode="tozero")
-    fig.update_layout(title="Activation ratio per layer at PPL-p%")
+    fig.update_layout(title="Activation ratio per layer at PPL-p% (bars: 95% bootstrap intervals over windows)")
     return fig
 
 
 def language_figure(results: Sequence[LanguageResult]) -> go.Figure:
-    """Per language: activation ratio (top) and perplexity ratio (bottom) at the pooled PPL-p% c, per model."""
+    """Per language: activation ratio (top) and perplexity ratio (bottom) at the pooled PPL-p% c, per model, with
+    95 % bootstrap intervals over the language's windows."""
     table = pd.concat([r.table.assign(model=r.model) for r in results])
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
     for i, (model, group) in enumerate(table.groupby("model", sort=False)):
         colour = _palette(i)
         fig.add_trace(go.Bar(x=group["language"], y=group["activation_ratio"], name=model, legendgroup=model,
-                             marker_color=colour), row=1, col=1)
+                             marker_color=colour,
+                             error_y=_bars(group["activation_ratio"], group["activation_lo"], group["activation_hi"])),
+                      row=1, col=1)
         fig.add_trace(go.Bar(x=group["language"], y=group["ppl_ratio"] - 1, base=1, name=model, legendgroup=model,
-                             showlegend=False, marker_color=colour), row=2, col=1)
+                             showlegend=False, marker_color=colour,
+                             error_y=_bars(group["ppl_ratio"], group["ppl_lo"], group["ppl_hi"])), row=2, col=1)
     fig.update_yaxes(title_text="activation ratio", row=1, col=1)
     fig.update_yaxes(title_text="perplexity ratio (bars from 1)", row=2, col=1)
-    fig.update_layout(title="Sparsity and its cost per language at one CETT value", barmode="group")
+    fig.update_layout(title="Sparsity and its cost per language at one CETT value (whiskers: 95% bootstrap "
+                            "intervals over the language's windows)", barmode="group")
     return fig
 
 

@@ -8,12 +8,22 @@ import pytest
 import torch
 from samples import TEXTS
 
-from babel_lib.core.batches import encode, pad
-from babel_lib.errors import BabelError
+from babel_lib.core.batches import encode, pad, windows
+from babel_lib.core.evaluation import window_loss
 from babel_lib.core.ffn import ffn_layers
 from babel_lib.core.hooks import hooked, site
 from babel_lib.core.models import load_model
-from babel_lib.sparsing.sparsity import CettCurve, cett, cett_thresholds, layer_thresholds, ppl_p, sparsified
+from babel_lib.errors import BabelError
+from babel_lib.sparsing.sparsity import (
+    CettCurve,
+    SparseEvaluator,
+    batch_ranges,
+    cett,
+    cett_thresholds,
+    layer_thresholds,
+    ppl_p,
+    sparsified,
+)
 
 C_VALUES = [0.0, 0.01, 0.1, 0.3, 0.7, 0.95, 1.0]
 
@@ -226,6 +236,36 @@ def test_ppl_p_lands_within_tolerance(model_type):
         assert 0.0 < result.activation_ratio < 1.0
         assert result.activation_ratio == pytest.approx(1 - float(result.layer_sparsity.mean()), abs=1e-12)
         assert result.thresholds.shape == (3,) and result.trace[-1]["cett"] == result.cett
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "opt"])
+def test_one_shared_dense_pass_gives_the_losses_of_the_plain_path(tiny, model_type):
+    """Thresholds searched on the kept dense activations (and the dense loss and |s| sample of the same pass)
+    equal the plain path: a dense pass per batch and evaluation (cett_thresholds), the loss from window_loss."""
+    lm = tiny(model_type)
+    ids = windows(lm.tokenizer, TEXTS, 10, 5)
+    assert ids.shape[0] == 5
+    shared = SparseEvaluator(lm, ids, batch_size=2, groups=[3, 2])
+    plain = SparseEvaluator(lm, ids, batch_size=2, groups=[3, 2], keep_activations=False)
+    assert shared.dense.nll == pytest.approx(window_loss(lm.model, ids, batch_size=2).nll, rel=1e-6)
+    for c in (0.05, 0.3):  # the second c starts from the first one's memoised search points
+        a, b = shared.evaluate("cett", c), plain.evaluate("cett", c)
+        assert torch.equal(a.window_nll, b.window_nll) and torch.equal(a.thresholds, b.thresholds)
+        assert torch.equal(a.window_active, b.window_active) and a.activation_ratio == b.activation_ratio
+        for _, start, stop in shared.batches:  # each batch's thresholds are those of its own dense pass
+            fresh = cett_thresholds(lm, ids[start:stop], c)
+            assert torch.equal(shared._thresholds(ids[start:stop], start, shared._mask(ids[start:stop]), c), fresh)
+    top = shared.evaluate("topk", 0.5)
+    assert top.window_active.sum(1).tolist() == pytest.approx(
+        [int(shared._mask(w[None]).sum()) * sum(round(0.5 * f.width) for f in shared.layers) for w in ids])
+    assert [len(f[0]) for f in top.group_frequency] == [shared.layers[0].width] * 2
+
+
+def test_batches_never_cross_a_group():
+    assert batch_ranges(7, 2, [3, 4]) == [(0, 0, 2), (0, 2, 3), (1, 3, 5), (1, 5, 7)]
+    assert batch_ranges(5, 4) == [(0, 0, 4), (0, 4, 5)]
+    with pytest.raises(BabelError, match="summing to the 6 windows"):
+        batch_ranges(6, 2, [3, 4])
 
 
 def test_bad_input_raises_clear_errors(tiny):

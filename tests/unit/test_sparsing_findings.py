@@ -10,46 +10,70 @@ import pytest
 
 from babel_lib.sparsing import claims
 from babel_lib.sparsing.scaling import PowerLaw, fit_runs
-from babel_lib.sparsing.studies import LanguageResult, ParetoResult
+from babel_lib.sparsing.studies import (
+    LanguageParams,
+    LanguageResult,
+    ParetoResult,
+    WindowSums,
+    by_language,
+)
 from babel_lib.sparsing.trends import ScalingResult
 
 
+def window_sums(ratios, layer_ratios, n=4, predicted=10, counted=100, width=10) -> WindowSums:
+    """n identical windows (so every bootstrap interval is the point itself): dense loss 1 per token, and per
+    evaluation the given perplexity ratio and per-layer activation ratios."""
+    return WindowSums(dense=np.full(n, float(predicted)),
+                      nll=np.array([[predicted * (1 + math.log(r))] * n for r in ratios]),
+                      active=np.array([[[a * counted * width for a in layers]] * n for layers in layer_ratios]),
+                      counted=np.full(n, counted), widths=np.full(len(layer_ratios[0]), width), predicted=predicted)
+
+
 def pareto_result(topk=(1.30, 1.10), fat=(1.20, 1.05), converged=True, model="m") -> ParetoResult:
-    """Dense perplexity e (loss 1); CETT's PPL-1% point at activation ratio 0.4 with ratio 1.01; each baseline
-    a straight line from (0.3, first) to (0.5, second) in perplexity ratio, so its value at 0.4 is their mean."""
-    rows = [{"method": "cett", "value": 0.5, "activation_ratio": 0.4, "ppl_ratio": 1.01}]
-    for method, (a, b) in (("topk", topk), ("fat", fat)):
-        rows += [{"method": method, "value": 0.1, "activation_ratio": 0.3, "ppl_ratio": a},
-                 {"method": method, "value": 0.2, "activation_ratio": 0.5, "ppl_ratio": b}]
-    points = pd.DataFrame(rows)
-    points["perplexity"] = points["ppl_ratio"] * math.e
-    return ParetoResult(model=model, p=1.0, tol=1e-3, cett=0.5, activation_ratio=0.4, ppl_ratio=1.01,
-                        converged=converged, bisections=12, dense_loss=1.0, tokens=5000, points=points,
-                        layer_ratio=np.array([0.5, 0.2, 0.6]), thresholds=np.zeros(3))
+    """Dense perplexity e (loss 1); CETT's PPL-1% point at activation ratio 0.4 with ratio 1.01 on both window sets
+    (full set: layers 0.5, 0.1, 0.6); each baseline a straight line from (0.3, first) to (0.5, second) in
+    perplexity ratio on the sweep set, so its value at 0.4 is their mean."""
+    points, ratios, acts = [("cett", 0.5)], [1.01], [[0.4]]
+    for method, pair in (("topk", topk), ("fat", fat)):
+        for value, ratio, act in zip((0.1, 0.2), pair or (), (0.3, 0.5)):  # None: no sweep of that method
+            points, ratios, acts = points + [(method, value)], ratios + [ratio], acts + [[act]]
+    return ParetoResult(model=model, p=1.0, tol=1e-3, cett=0.5, ppl_ratio=1.01, converged=converged, evaluations=3,
+                        sweep_evaluations=6, dense_loss=1.0, points=pd.DataFrame(points, columns=["method", "value"]),
+                        full=window_sums([1.01], [[0.5, 0.1, 0.6]]), full_cett=[0.5],
+                        sweep=window_sums(ratios, acts, n=2), languages=["en", "ja"], frequency=np.zeros((2, 3, 10)),
+                        thresholds=np.zeros(3), replicates=50)
 
 
 def test_pareto_findings_compare_the_baselines_at_cetts_activation_ratio():
     result = pareto_result()
-    assert result.at_cett_ratio("topk") == pytest.approx(1.20 * math.e)
-    assert result.at_cett_ratio("fat") == pytest.approx(1.125 * math.e)
+    assert result.activation_ratio == pytest.approx(0.4) and result.activation_ci == pytest.approx((0.4, 0.4))
+    assert result.comparison("topk") == pytest.approx((1.20 / 1.01,) * 3)
+    assert result.comparison("fat") == pytest.approx((1.125 / 1.01,) * 3)
     (line,) = result.findings()
-    assert f"CETT keeps the perplexity at {1.01 * math.e:.2f} (dense {math.e:.2f})" in line
-    assert f"topk {1.2 * math.e:.2f} ({1.2 / 1.01:.2f}x)" in line and f"fat {1.125 * math.e:.2f}" in line
-    assert result.layer_findings() == ["m: per-layer activation ratio from 0.200 (layer 1) to 0.600 (layer 2); "
-                                       "model-level 0.400."]
+    assert f"keeps the perplexity at {1.01 * math.e:.2f} (dense {math.e:.2f}, ratio 1.0100)" in line
+    assert "activation ratio of 0.400 (95% CI 0.400-0.400, 40 predicted tokens)" in line
+    assert f"topk {1.2 / 1.01:.3f}x [{1.2 / 1.01:.3f}, {1.2 / 1.01:.3f}]" in line and f"fat {1.125 / 1.01:.3f}x" in line
+    assert result.layer_findings() == ["m: per-layer activation ratio from 0.100 (layer 1, CI 0.100-0.100) to 0.600 "
+                                       "(layer 2, CI 0.600-0.600); model-level 0.400."]
 
 
 def test_a_sweep_that_does_not_reach_cetts_ratio_is_said_so():
-    result = pareto_result()
-    result.points = result.points[~((result.points["method"] == "fat") & (result.points["activation_ratio"] > 0.35))]
-    assert result.at_cett_ratio("fat") is None
+    result = pareto_result(fat=(1.2,))  # fat: one point, no line to interpolate on
+    assert result.comparison("fat") is None
     assert "fat: its sweep does not reach that activation ratio" in result.findings()[0]
 
 
-def test_an_unconverged_bisection_is_a_visible_warning():
+def test_an_unconverged_search_is_a_visible_warning():
     lines = pareto_result(converged=False).findings()
-    assert lines[0].startswith("WARNING m: the PPL-1% bisection did not converge in 12 steps")
+    assert lines[0].startswith("WARNING m: the PPL-1% search did not converge in 3 evaluations")
     assert "1.0100" in lines[0] and "target 1.01 ± 0.001" in lines[0]
+
+
+def test_language_rows_are_each_languages_windows_with_intervals():
+    languages = by_language(pareto_result(), LanguageParams(rare=0.01)).table.set_index("language")
+    assert list(languages.index) == ["en", "ja"] and (languages["windows"] == 2).all()
+    assert languages["activation_ratio"].tolist() == pytest.approx([0.4, 0.4])
+    assert languages["ppl_lo"].tolist() == pytest.approx([1.01, 1.01])
 
 
 def test_language_findings_name_the_extreme_languages_and_rare_shares():
@@ -57,12 +81,15 @@ def test_language_findings_name_the_extreme_languages_and_rare_shares():
     frequency[0] = 0.5
     frequency[0, 0, :10] = 0.001  # en: 10 of 100 neurons rare
     frequency[1] = 0.005  # ja: every neuron rare
-    table = pd.DataFrame({"language": ["en", "ja"], "activation_ratio": [0.3, 0.45], "ppl_ratio": [1.02, 1.004],
-                          "dense_perplexity": [10.0, 20.0]})
+    table = pd.DataFrame({"language": ["en", "ja"], "activation_ratio": [0.3, 0.45], "activation_lo": [0.25, 0.4],
+                          "activation_hi": [0.35, 0.5], "ppl_ratio": [1.02, 0.995], "ppl_lo": [1.01, 0.99],
+                          "ppl_hi": [1.03, 0.998], "dense_perplexity": [10.0, 20.0], "windows": [5, 5]})
     result = LanguageResult(model="m", cett=0.25, target=1.01, rare=0.01, table=table, frequency=frequency)
     assert result.rare_shares() == {"en": pytest.approx(0.1), "ja": pytest.approx(1.0)}
-    assert result.findings() == ["m at c = 0.2500: activation ratio from 0.300 (en) to 0.450 (ja); perplexity "
-                                 "ratio from 1.0040 (ja) to 1.0200 (en) against the pooled target 1.01."]
+    assert result.findings() == ["m at c = 0.2500 (5 windows per language): activation ratio from 0.300 (en, CI "
+                                 "0.250-0.350) to 0.450 (ja, CI 0.400-0.500); the extremes' intervals do not overlap. "
+                                 "Perplexity ratio from 0.9950 (ja) to 1.0200 (en) against the pooled target 1.01; "
+                                 "below 1 with its whole interval in ja."]
     assert result.frequency_findings() == ["m: the share of neurons kept on fewer than 1% of tokens ranges from "
                                            "10.0% (en) to 100.0% (ja)."]
 
@@ -156,8 +183,7 @@ def test_cett_verdict_follows_the_baselines_and_convergence():
     worse = pareto_result(topk=(1.0, 0.98), fat=(1.0, 0.99))  # both baselines below CETT at its ratio
     assert claims.cett_beats_baselines([worse]).verdict == "not reproduced"
     assert claims.cett_beats_baselines([pareto_result(), worse]).verdict == "partly"
-    unreached = pareto_result()
-    unreached.points = unreached.points[unreached.points["method"] == "cett"]
+    unreached = pareto_result(topk=None, fat=None)
     assert claims.cett_beats_baselines([unreached]).verdict == "not attempted"
 
 

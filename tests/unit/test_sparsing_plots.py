@@ -49,8 +49,22 @@ def test_the_pareto_axis_cut_is_stated_with_the_points_it_hides():
 def test_every_language_is_in_the_frequency_legend():
     languages = ["en", "de", "ja", "zh-CN", "ru", "tr", "ar", "ko", "el", "he", "hi", "th", "vi", "fr", "es", "pt",
                  "it"]
-    table = pd.DataFrame({"language": languages, "activation_ratio": 0.3, "ppl_ratio": 1.01, "dense_perplexity": 9.0})
+    table = pd.DataFrame({"language": languages, "activation_ratio": 0.3, "activation_lo": 0.2, "activation_hi": 0.4,
+                          "ppl_ratio": 1.01, "ppl_lo": 1.0, "ppl_hi": 1.02, "dense_perplexity": 9.0, "windows": 5})
     result = LanguageResult("m", 0.2, 1.01, 0.01, table, np.random.default_rng(0).random((len(languages), 2, 8)))
     fig = frequency_figure([result])
     assert [t.name for t in fig.data if t.showlegend] == languages
     assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0  # a row below the panel, not cut
+
+
+def test_every_sampled_point_carries_its_interval():
+    from babel_lib.sparsing.plots import language_figure, layer_figure
+    from babel_lib.sparsing.studies import LanguageParams, by_language
+
+    result = pareto_result()
+    points = [t for t in pareto_figure([result]).data if t.name != "dense model"]
+    assert points and all(t.error_x.array is not None and t.error_y.array is not None for t in points)
+    (layers,) = layer_figure([result]).data
+    assert len(layers.error_y.array) == len(result.layer_ratio)
+    bars = language_figure([by_language(result, LanguageParams(rare=0.01))]).data
+    assert all(t.error_y.array is not None for t in bars)
