@@ -1,6 +1,6 @@
 """Documentation files -> paragraphs of plain text, for the pretraining corpus: markup (HTML, XHTML, Mallard,
-DocBook), troff man pages and plain text, each by a small deterministic pure-Python reader (no groff, no lxml),
-so the same .deb gives the same paragraphs on any machine."""
+DocBook) and troff man pages, each by a small deterministic pure-Python reader (no groff, no lxml), so the same
+.deb gives the same paragraphs on any machine."""
 
 from __future__ import annotations
 
@@ -156,12 +156,7 @@ def man_paragraphs(source: str) -> list[str]:
     return paragraphs
 
 
-def plain_paragraphs(text: str) -> list[str]:
-    """The paragraphs of a plain text file: blocks separated by blank lines, whitespace collapsed."""
-    return [p for p in (_collapse(block) for block in re.split(r"\n[ \t\f\v]*\n", text.replace("\r", ""))) if p]
-
-
-READERS = {"markup": markup_paragraphs, "man": man_paragraphs, "plain": plain_paragraphs}
+READERS = {"markup": markup_paragraphs, "man": man_paragraphs}
 
 
 def file_paragraphs(data: bytes, name: str, reader: str) -> list[str]:

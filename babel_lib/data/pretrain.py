@@ -66,7 +66,8 @@ def _entries(manifest: dict[str, Any], split: str, shards: Sequence[str] | None)
 
 def present_shards(folder: str | Path = TOKENS_DIR, split: str = "train") -> list[str]:
     """The split's shards (manifest order) whose files are in the folder, e.g. the part one device call carried."""
-    return [entry["file"] for entry in _entries(read_manifest(folder), split, None) if (Path(folder) / entry["file"]).is_file()]
+    entries = _entries(read_manifest(folder), split, None)
+    return [entry["file"] for entry in entries if (Path(folder) / entry["file"]).is_file()]
 
 
 def read_shard(folder: str | Path, entry: dict[str, Any]) -> np.ndarray:
@@ -86,7 +87,8 @@ def read_shard(folder: str | Path, entry: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(raw, dtype="<u2")
 
 
-def load_tokens(folder: str | Path = TOKENS_DIR, split: str = "train", shards: Sequence[str] | None = None) -> np.ndarray:
+def load_tokens(folder: str | Path = TOKENS_DIR, split: str = "train",
+                shards: Sequence[str] | None = None) -> np.ndarray:
     """The token ids of a split (uint16, shards concatenated in manifest order); `shards` picks some of them."""
     entries = _entries(read_manifest(folder), split, shards)
     if not entries:
@@ -102,7 +104,8 @@ def window_count(folder: str | Path, seq_len: int, shards: Sequence[str] | None 
 
 
 def iter_windows(folder: str | Path = TOKENS_DIR, seq_len: int = 257, batch_size: int = 64, seed: int = 0,
-                 shards: Sequence[str] | None = None, skip_batches: int = 0, split: str = "train") -> Iterator[np.ndarray]:
+                 shards: Sequence[str] | None = None, skip_batches: int = 0,
+                 split: str = "train") -> Iterator[np.ndarray]:
     """One epoch of int64 batches [batch_size, seq_len]: the stream cut into consecutive non-overlapping windows,
     visited in a seeded random order, each window (so each token) at most once; the last partial batch is dropped.
     `skip_batches` resumes an interrupted epoch. Ask for seq_len + 1 to get inputs and shifted targets."""

@@ -62,7 +62,7 @@ RULES = (
     ("paragraphs: markup (HTML/Mallard/DocBook) -> text of block elements, tags dropped, entities decoded, scripts, "
     "styles, heads and metadata dropped, whitespace collapsed except in pre/screen/programlisting (lines kept); "
     "man pages -> text lines and the text arguments of font/heading macros, escapes decoded, comments and other "
-    "requests dropped; plain text -> blocks between blank lines"),
+    "requests dropped"),
     (f"a paragraph is kept with at least {MIN_PARAGRAPH_BYTES} bytes of UTF-8, and at least {MIN_LETTER_SHARE:.0%} "
     "of the non-space ones are letters"),
     ("dedup: a paragraph whose normalised text (casefolded, digit runs as 0, whitespace removed) is in a page kept "
@@ -85,7 +85,7 @@ RULES = (
 @dataclass(frozen=True)
 class Source:
     """One Debian package and how to read it: file pattern (a `lang` group names the language folder), doc_text
-    reader (markup, man or plain), the language when the path does not say it, its licence, and the package whose
+    reader (markup or man), the language when the path does not say it, its licence, and the package whose
     copyright file covers it when its own doc folder is a link there ("" = its own)."""
 
     package: str
@@ -144,14 +144,14 @@ SOURCES: tuple[Source, ...] = (
     Source("nodejs-doc", r"usr/share/doc/nodejs/api/.+\.html", "markup", "en", "Expat"),
     Source("qtbase5-doc-html", r"usr/share/qt5/doc/.+\.html", "markup", "en", "GFDL-1.3 without invariant sections"),
     Source("cppreference-doc-en-html", r"usr/share/cppreference/doc/html/en/.+\.html", "markup", "en", "CC-BY-SA-3.0"),
-    Source("openjdk-17-doc", r"usr/share/doc/openjdk-17-jre-headless/api/(?!.*class-use/|index-files/).+\.html", "markup", "en",
-           "GPL-2 with Classpath exception"),
+    Source("openjdk-17-doc", r"usr/share/doc/openjdk-17-jre-headless/api/(?!.*class-use/|index-files/).+\.html",
+           "markup", "en", "GPL-2 with Classpath exception"),
     Source("rust-doc", r"usr/share/doc/rust-doc/html/.+\.html", "markup", "en", "MIT or Apache-2.0"),
     Source("debian-handbook", r"usr/share/doc/debian-handbook/html/(?P<lang>[^/]+)/.+\.html", "markup", "",
            "GPL-2+ or CC-BY-SA-3.0"),
     Source("installation-guide-amd64", r"usr/share/doc/installation-guide-amd64/(?P<lang>[^/]+)/.+\.html", "markup",
            "", "GPL-2"),
-    Source("gnome-user-docs", r"usr/share/help/(?P<lang>[^/]+)/[^/]+/.+\.page", "markup", "", "CC-BY-3.0/CC-BY-SA-3.0"),
+    Source("gnome-user-docs", r"usr/share/help/(?P<lang>[^/]+)/[^/]+/.+\.page", "markup", "", "CC-BY-SA-3.0"),
     Source("mate-user-guide", r"usr/share/help/(?P<lang>[^/]+)/[^/]+/.+\.xml", "markup", "", "GFDL-1.1+"),
     Source("lilypond-doc-html", r"usr/share/doc/lilypond/html/Documentation/(?!.*-big-page).+\.html", "markup",
            "en", "GFDL-1.3+ without invariant sections"),
@@ -163,18 +163,19 @@ SOURCES: tuple[Source, ...] = (
     Source("qtdeclarative5-doc-html", r"usr/share/qt5/doc/.+\.html", "markup", "en",
            "GFDL-1.3 without invariant sections"),
     Source("qttools5-doc-html", r"usr/share/qt5/doc/.+\.html", "markup", "en", "GFDL-1.3 without invariant sections"),
-    Source("vim-doc", r"usr/share/doc/vim/html/.+\.html", "markup", "en", "Vim"),
-    Source("maxima-doc", r"usr/share/doc/maxima-doc/html/.+\.html", "markup", "en", "GPL-2"),
+    Source("vim-doc", r"usr/share/doc/vim/html/.+\.html", "markup", "en", "Vim (parts OPL-1+ without options)"),
+    Source("maxima-doc", r"usr/share/doc/maxima-doc/html/.+\.html", "markup", "en", "GPL-2 (Maxima)"),
     Source("sphinx-doc", r"usr/share/doc/sphinx-doc/html/(?!_modules/|_sources/|genindex).+\.html", "markup", "en",
            "BSD-2-clause"),
     Source("python-sklearn-doc", r"usr/share/doc/python-sklearn-doc/html/(?!_modules/|_sources/|genindex).+\.html",
            "markup", "en", "BSD-3-clause"),
-    Source("gnome-devel-docs", r"usr/share/help/(?P<lang>[^/]+)/[^/]+/.+\.page", "markup", "", "CC-BY-SA-3.0"),
-    Source("developers-reference", r"usr/share/developers-reference/[^/]+\.html", "markup", "en", "MIT"),
+    Source("gnome-devel-docs", r"usr/share/help/(?P<lang>[^/]+)/[^/]+/.+\.page", "markup", "",
+           "CC-BY-SA-3.0/4.0, parts GFDL-1.1+ without invariant sections"),
+    Source("developers-reference", r"usr/share/developers-reference/[^/]+\.html", "markup", "en", "GPL-2"),
     *(Source(f"developers-reference-{code}", r"usr/share/developers-reference/(?P<lang>[^/]+)/[^/]+\.html",
-             "markup", "", "MIT") for code in DEVREF_LANGUAGES),
+             "markup", "", "GPL-2") for code in DEVREF_LANGUAGES),
     Source("debmake-doc", r"usr/share/doc/debmake-doc/html/[^/]+\.(?P<lang>[a-z]{2}(?:-[a-z]{2})?)\.html", "markup",
-           "", "MIT"),
+           "", "Expat (MIT)"),
     Source("manpages", r"usr/share/man/man\d[^/]*/[^/]+\.gz", "man", "en", "Verbatim/GPL-2+/BSD (see copyright)"),
     Source("manpages-dev", r"usr/share/man/man\d[^/]*/[^/]+\.gz", "man", "en", "Verbatim/GPL-2+/BSD (see copyright)",
            "manpages"),
@@ -280,7 +281,8 @@ def _deb_members(deb: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]
         process = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)
     except FileNotFoundError:
-        raise BabelError("dpkg-deb not found: `make pretrain` needs Debian's dpkg (training only needs the shards)") from None
+        raise BabelError("dpkg-deb not found: `make pretrain` needs Debian's dpkg "
+                         "(training needs only the shards)") from None
     with tarfile.open(fileobj=process.stdout, mode="r|") as archive:
         for member in archive:
             if member.isfile():
@@ -418,7 +420,7 @@ def recorded_packages(directory: Path) -> list[Package]:
 
 def counts_table(pages: list[Page], tokens_of: Counter) -> dict:
     """Pages, characters and tokens per source and per language, each per split."""
-    table = {"sources": defaultdict(lambda: defaultdict(Counter)), "languages": defaultdict(lambda: defaultdict(Counter))}
+    table = {group: defaultdict(lambda: defaultdict(Counter)) for group in ("sources", "languages")}
     for page in pages:
         split = "heldout" if is_heldout(page.key) else "train"
         for group, name in (("sources", page.package), ("languages", page.language)):

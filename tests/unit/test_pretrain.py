@@ -1,4 +1,4 @@
-"""The single-epoch pretraining corpus: text readers (markup, man, plain), the cleaning, dedup and split rules on
+"""The single-epoch pretraining corpus: text readers (markup, man), the cleaning, dedup and split rules on
 small synthetic inputs, shard cutting, the shard reader (sha256 check, one epoch never reads a token twice) and the
 committed provenance."""
 
@@ -15,7 +15,7 @@ import pytest
 
 from babel_lib.data import pretrain_build as pb
 from babel_lib.data.alignment import split_of
-from babel_lib.data.doc_text import man_paragraphs, markup_paragraphs, plain_paragraphs
+from babel_lib.data.doc_text import man_paragraphs, markup_paragraphs
 from babel_lib.data.pretrain import FORMAT, MANIFEST, iter_windows, load_tokens, present_shards, window_count
 from babel_lib.errors import BabelError
 
@@ -66,10 +66,6 @@ Back to \*(lqfilling\*(rq text.
 def test_man_arguments_group_quoted_words():
     assert man_paragraphs('.SH "SEE ALSO"\n.IP "\\fB\\-a\\fR, \\-\\-all" 4\ndo not ignore\n') == [
         "SEE ALSO", "-a, --all do not ignore"]
-
-
-def test_plain_paragraphs_are_blocks_between_blank_lines():
-    assert plain_paragraphs("one\ntwo  words\n\n \t\nthree\r\n\n\n") == ["one two words", "three"]
 
 
 # ------------------------------------------------------------------------------------------ cleaning rules
