@@ -28,12 +28,12 @@ import time
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
-from babel_lib.data.build import DEBS_DIR, Package, fetch, resolve_versions
+from babel_lib.data.build import DEBS_DIR, Package, deb_filename, fetch, resolve_versions
 from babel_lib.data.doc_text import file_paragraphs
 from babel_lib.data.pretrain import FORMAT, MANIFEST, SPLITS, TOKENIZER, TOKENS_DIR
 from babel_lib.errors import BabelError
@@ -366,25 +366,42 @@ def shard_cuts(sizes: list[int], limit: int) -> list[tuple[int, int]]:
     return cuts
 
 
-def encode_pages(pages: list[Page], tokenizer) -> list[np.ndarray]:
-    """Each page's ids followed by <eos>, as uint16 (progress printed every 10,000 pages)."""
-    eos = tokenizer.token_to_id("<eos>")
-    encoded = []
-    for start in range(0, len(pages), 1000):
-        for encoding in tokenizer.encode_batch([page.text for page in pages[start:start + 1000]]):
-            encoded.append(np.asarray([*encoding.ids, eos], dtype=np.uint16))
-        if (start // 1000) % 10 == 9:
-            print(f"  encoded {len(encoded):,} of {len(pages):,} pages", flush=True)
+_ENCODER = None  # the tokenizer of an encoding worker process
+
+
+def _start_encoder(tokenizer_json: str) -> None:
+    """Pool initializer: load the tokenizer once per worker."""
+    global _ENCODER
+    from tokenizers import Tokenizer
+
+    _ENCODER = Tokenizer.from_str(tokenizer_json)
+
+
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    """Each text's ids followed by <eos>, as uint16 (in a worker)."""
+    eos = _ENCODER.token_to_id("<eos>")
+    return [np.asarray([*encoding.ids, eos], dtype=np.uint16) for encoding in _ENCODER.encode_batch(texts)]
+
+
+def encode_pages(pages: list[Page], tokenizer_json: str, workers: int = 2) -> list[np.ndarray]:
+    """Each page's ids followed by <eos>, as uint16, in page order (`workers` processes; progress printed)."""
+    chunks = [[page.text for page in pages[start:start + 1000]] for start in range(0, len(pages), 1000)]
+    encoded: list[np.ndarray] = []
+    with multiprocessing.get_context("fork").Pool(workers, _start_encoder, (tokenizer_json,)) as pool:
+        for number, ids in enumerate(pool.imap(_encode, chunks)):
+            encoded.extend(ids)
+            if number % 20 == 19:
+                print(f"  encoded {len(encoded):,} of {len(pages):,} pages", flush=True)
     return encoded
 
 
-def write_shards(pages: list[Page], tokenizer, out: Path) -> tuple[list[dict], Counter]:
+def write_shards(pages: list[Page], tokenizer_json: str, out: Path) -> tuple[list[dict], Counter]:
     """Split, order and tokenise the pages and write each split's shards into out; returns the manifest
     entries and the tokens per (package, language, split)."""
     entries, tokens_of = [], Counter()
     for split in SPLITS:
         ordered = sorted((p for p in pages if is_heldout(p.key) == (split == "heldout")), key=page_order)
-        encoded = encode_pages(ordered, tokenizer)
+        encoded = encode_pages(ordered, tokenizer_json)
         for page, ids in zip(ordered, encoded):
             tokens_of[page.package, page.language, split] += int(ids.size)
         for number, (start, end) in enumerate(shard_cuts([ids.size for ids in encoded], SHARD_TOKENS)):
@@ -416,6 +433,23 @@ def recorded_packages(directory: Path) -> list[Package]:
         recorded = {p["package"]: Package(**{name: p[name] for name in names}) for p in record.get("packages", [])}
     wanted = [(s.language or "multi", s.package) for s in SOURCES] + [("", name) for name in COPYRIGHT_ONLY]
     return [recorded.get(name, Package(language, name, "", "", "")) for language, name in wanted]
+
+
+def newest_versions(packages: list[Package]) -> list[Package]:
+    """Packages without a recorded version get the newest apt offers (one `apt-cache madison` call for all)."""
+    names = [package.package for package in packages if not package.version]
+    newest: dict[str, str] = {}
+    if names:
+        try:
+            lines = subprocess.run(["apt-cache", "madison", *names], check=True, capture_output=True, text=True).stdout
+        except (FileNotFoundError, subprocess.CalledProcessError):
+            return packages  # resolve_versions asks package by package and reports what is wrong
+        for line in lines.splitlines():
+            fields_ = [field.strip() for field in line.split("|")]
+            if len(fields_) >= 3:
+                newest.setdefault(fields_[0], fields_[1])
+    return [replace(p, version=newest[p.package], deb=deb_filename(p.package, newest[p.package]))
+            if not p.version and p.package in newest else p for p in packages]
 
 
 def counts_table(pages: list[Page], tokens_of: Counter) -> dict:
@@ -470,7 +504,7 @@ def build(packages: list[Package], debs: Path, out: Path, provenance_dir: Path, 
     tokenizer = zoo_tokenizer()
     tokenizer_text = tokenizer.to_str()
     _write_atomically(out / TOKENIZER, tokenizer_text.encode("utf-8"))
-    entries, tokens_of = write_shards(pages, tokenizer, out)
+    entries, tokens_of = write_shards(pages, tokenizer_text, out)
     manifest = {"format": FORMAT, "tokenizer": {"file": TOKENIZER, "vocab": tokenizer.get_vocab_size(),
                 "eos_id": tokenizer.token_to_id("<eos>"),
                 "sha256": hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest()},
@@ -528,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--check compares against the recorded versions; it cannot be combined with --use-available")
     started = time.perf_counter()
     try:
-        packages = resolve_versions(recorded_packages(args.provenance), args.debs, args.use_available)
+        packages = recorded_packages(args.provenance)
+        if args.use_available:
+            packages = newest_versions(packages)
+        packages = resolve_versions(packages, args.debs, args.use_available)
         if args.check:
             same = check(packages, args.debs, args.out, args.provenance)
             print(f"checked in {time.perf_counter() - started:.0f} s")

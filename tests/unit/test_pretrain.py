@@ -202,40 +202,34 @@ def test_read_source_reads_matching_files_in_path_order_with_language_and_copyri
 # ------------------------------------------------------------------------------------------ shards and reader
 
 
-class _CharTokenizer:
-    """A stand-in for the BPE: one id per character (code point + 1), <eos> = 0."""
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A small byte-level BPE like the zoo's (its trainer), on synthetic text."""
+    from babel_lib.sparsing.zoo.data import train_tokenizer
 
-    class _Encoding:
-        def __init__(self, text: str) -> None:
-            self.ids = [ord(c) % 60000 + 1 for c in text]
-
-    def encode_batch(self, texts: list[str]) -> list[_Encoding]:
-        return [self._Encoding(text) for text in texts]
-
-    def token_to_id(self, token: str) -> int:
-        assert token == "<eos>"
-        return 0
+    return train_tokenizer([f"Page {i} text. Second paragraph {i}." for i in range(200)], 300)
 
 
 def _manifest(folder, entries):
     (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "shards": entries}))
 
 
-def test_write_shards_splits_orders_and_round_trips(tmp_path, monkeypatch):
+def test_write_shards_splits_orders_and_round_trips(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setattr(pb, "SHARD_TOKENS", 2000)
     pages = [_page(f"doc/p{i}.html", f"Page {i} text. " * (5 + i % 7), f"Second paragraph {i}.") for i in range(400)]
-    entries, tokens_of = pb.write_shards(pages, _CharTokenizer(), tmp_path)
+    entries, tokens_of = pb.write_shards(pages, tokenizer.to_str(), tmp_path)
+    eos = tokenizer.token_to_id("<eos>")
     _manifest(tmp_path, entries)
     assert {e["split"] for e in entries} == {"train", "heldout"} and sum(e["split"] == "train" for e in entries) > 1
     for split in ("train", "heldout"):
         expected = sorted((p for p in pages if pb.is_heldout(p.key) == (split == "heldout")), key=pb.page_order)
-        ids = np.concatenate([[*_CharTokenizer._Encoding(p.text).ids, 0] for p in expected]).astype(np.uint16)
+        ids = np.concatenate([[*tokenizer.encode(p.text).ids, eos] for p in expected]).astype(np.uint16)
         assert np.array_equal(load_tokens(tmp_path, split), ids)
         assert sum(tokens_of[k] for k in tokens_of if k[2] == split) == ids.size
     for entry in entries:  # each shard alone: whole pages, xz of uint16 LE, under the limit
         raw = lzma.decompress((tmp_path / entry["file"]).read_bytes())
         shard = np.frombuffer(raw, "<u2")
-        assert shard.size == entry["tokens"] <= 2000 and shard[-1] == 0 and (shard == 0).sum() == entry["documents"]
+        assert shard.size == entry["tokens"] <= 2000 and shard[-1] == eos and (shard == eos).sum() == entry["documents"]
     assert pb.shard_bytes(np.arange(50)) == pb.shard_bytes(np.arange(50))  # deterministic
 
 
