@@ -301,10 +301,10 @@ def test_corrupt_shard_or_manifest_is_a_clear_error(position_shards):
 def test_committed_provenance_records_every_source_with_version_sha256_licence_and_copyright():
     record = json.loads((pb.PROVENANCE_DIR / pb.PROVENANCE_FILE).read_text())
     packages = {p["package"]: p for p in record["packages"]}
-    assert list(packages) == [s.package for s in pb.SOURCES]
+    assert list(packages) == [s.package for s in pb.SOURCES] + list(pb.COPYRIGHT_ONLY)
     for package in packages.values():
         assert package["version"] and len(package["sha256"]) == 64 and package["licence"]
-        assert (pb.PROVENANCE_DIR / pb.COPYRIGHT_DIR / f"{package['package']}.txt").is_file()
+        assert (pb.PROVENANCE_DIR / package["copyright"]).read_text(encoding="utf-8", errors="replace").strip()
     manifest = record["manifest"]
     assert hashlib.sha256(pb.json_bytes(manifest)).hexdigest() == record["manifest_sha256"]
     assert all(e["bytes"] <= 55 * 2**20 for e in manifest["shards"])
