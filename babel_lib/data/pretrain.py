@@ -112,6 +112,8 @@ def iter_windows(folder: str | Path = TOKENS_DIR, seq_len: int = 257, batch_size
     count = window_count(folder, seq_len, shards, split)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise BabelError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(skip_batches, int) or skip_batches < 0:
+        raise BabelError(f"skip_batches must be a non-negative int (batches already trained), got {skip_batches!r}")
     tokens = load_tokens(folder, split, shards)
     order = np.random.default_rng(seed).permutation(count)
     offsets = np.arange(seq_len)

@@ -263,6 +263,10 @@ def test_epoch_is_seeded_and_resumable(position_shards):
     assert all(np.array_equal(a, b) for a, b in zip(full, iter_windows(position_shards, 16, 8, seed=1)))
     resumed = list(iter_windows(position_shards, seq_len=16, batch_size=8, seed=1, skip_batches=5))
     assert len(resumed) == len(full) - 5 and all(np.array_equal(a, b) for a, b in zip(full[5:], resumed))
+    with pytest.raises(BabelError, match="skip_batches"):
+        next(iter_windows(position_shards, 16, 8, skip_batches=-1))
+    with pytest.raises(BabelError, match="seq_len"):
+        next(iter_windows(position_shards, 0, 8))
     other = np.concatenate(list(iter_windows(position_shards, 16, 8, seed=2)))
     assert set(np.concatenate(full)[:, 0]) == set(other[:, 0])
 
