@@ -20,7 +20,7 @@ ifeq ($(wildcard configs/$(PROFILE).yaml),)
 $(error unknown profile '$(PROFILE)': profiles are $(PROFILES) (configs/<profile>.yaml))
 endif
 
-.PHONY: setup models data data-check check-profile figures test lab explore zoo clean
+.PHONY: setup models data data-check pretrain pretrain-check check-profile figures test lab explore zoo clean
 .DELETE_ON_ERROR:
 
 ## setup: virtual environment, the package with its notebook and test extras, kernel, Chromium, embedded models
@@ -46,6 +46,13 @@ data: setup
 	$(PY) -m babel_lib.data.build
 data-check: setup
 	$(PY) -m babel_lib.data.build --check
+
+## pretrain: rebuild the zoo's single-epoch pretraining tokens (.tokens/pretrain/, xz shards of uint16 ids) from the
+##           Debian documentation packages recorded in data/pretrain/; pretrain-check: compare byte for byte
+pretrain: setup
+	$(PY) -m babel_lib.data.pretrain_build
+pretrain-check: setup
+	$(PY) -m babel_lib.data.pretrain_build --check
 
 ## check-profile: validate configs/$(PROFILE).yaml (and MODEL) before anything runs: one line per problem
 check-profile: setup
