@@ -5,6 +5,7 @@ ReLU's and SiLU's dense loss side by side, and the sentences that summarise them
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -49,6 +50,7 @@ class ScalingResult:
     unit_name: str
     provenance: str | None  # PROVENANCE.json beside the table, if there is one
     reason: str | None = None  # why there is no table to use
+    missing: tuple[str, ...] = ()  # runs of the planned family that the table lacks (PROVENANCE.json)
 
     @property
     def available(self) -> bool:
@@ -134,7 +136,8 @@ class ScalingResult:
                 f"{table['activation'].nunique()} activations × {int(shapes['seeds'].max())} seeds, "
                 f"{table['epochs'].max():.2f} epoch, {shapes['tokens_per_param'].min():.0f}-"
                 f"{shapes['tokens_per_param'].max():.0f} tokens/parameter; one c per run bisected on its last "
-                f"{self.fixed_last} checkpoints; spread = min–max over seeds")
+                f"{self.fixed_last} checkpoints; spread = min–max over seeds"
+                + (f"; {len(self.missing)} planned runs not trained: {', '.join(self.missing)}" if self.missing else ""))
 
     def findings(self) -> list[str]:
         if not self.available:
@@ -227,6 +230,8 @@ def zoo_scaling(profile: str, params: ScalingParams) -> ScalingResult:
                              f"The zoo table at {location} predates the seeded one-epoch protocol (no {', '.join(missing)}"
                              " columns): the scaling section is skipped. Train the family again with `make zoo`.")
     provenance = path.parent / "PROVENANCE.json"
+    missing = tuple(json.loads(provenance.read_text()).get("missing_runs", [])) if provenance.exists() else ()
     return ScalingResult(location, table, fit_runs(table, unit=params.token_unit), params.token_unit,
                          params.token_unit_name,
-                         str(Path(location).parent / provenance.name) if provenance.exists() else None)
+                         str(Path(location).parent / provenance.name) if provenance.exists() else None,
+                         missing=missing)
