@@ -156,7 +156,6 @@ def profile_run(profile: str, model: str = "") -> list[Path]:
     """Notebook 02's counting pass (its text, partition and settings under `profile`), on this rank's share of
     the batches; writes the "frequencies" artefacts the notebook then loads (the same keys). Returns their paths."""
     from babel_lib.babel import profiler
-    from babel_lib.babel.conversion import run_partition
     from babel_lib.core import config
     from babel_lib.core.models import load_model
 
@@ -170,8 +169,8 @@ def profile_run(profile: str, model: str = "") -> list[Path]:
     paths = []
     for name in P.models:
         lm = load_model(name, device if P.device in ("auto", "cuda") else P.device, P.dtype)
-        part = run_partition(store, lm, profile, model)
-        result = profiler.profile(store, lm, part, params, texts, split="calibration", progress=rank() == 0)
+        parts = profiler.partitions(store, lm, params, profile, model)
+        result = profiler.profile(store, lm, parts, params, texts, split="calibration", progress=rank() == 0)
         paths.append(result.path)
         if rank() == 0:
             print(f"{name}: {result.path} ({world_size()} processes)", flush=True)
