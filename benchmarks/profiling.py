@@ -33,6 +33,10 @@ LLAMA = {  # LlamaConfig keywords, and the batch to time
 }
 
 
+VARIANTS = (("zscore", "sum"), ("topk", "abs"), ("zscore", "abs"))  # notebook 02's default beside topk/sum
+PAPER_NEURONS = 43  # the second expert size counted by default (neurons per expert)
+
+
 def variants(device: torch.device) -> dict[str, dict]:
     """Profiler settings to time, by row label (None = the bare forward)."""
     rows = {
@@ -42,6 +46,7 @@ def variants(device: torch.device) -> dict[str, dict]:
         "zscore 25%, sum, experts + neurons": {"rule": "zscore"},
         "threshold > 0, sum, experts + neurons": {"rule": "threshold"},
         "topk 25%, abs, experts + neurons": {"mode": "abs"},
+        "notebook 02 default: 4 (rule, mode) x 2 expert sizes + neurons": {"variants": VARIANTS, "coarse": True},
     }
     if device.type != "cuda":
         rows["topk 25%, sum, experts + neurons, one-hot matmul scores"] = {"scorer": "matmul"}
@@ -49,6 +54,7 @@ def variants(device: torch.device) -> dict[str, dict]:
         rows["topk 25%, sum, experts only, compiled counting"] = {"neurons": False, "compile": True}
         rows["topk 25%, sum, experts + neurons, compiled counting"] = {"compile": True}
         rows["threshold > 0, sum, experts + neurons, compiled counting"] = {"rule": "threshold", "compile": True}
+        rows["notebook 02 default, compiled counting"] = {"variants": VARIANTS, "coarse": True, "compile": True}
     return rows
 
 
@@ -102,12 +108,15 @@ def measure(model, batches, device, n_experts: int, warmup: int, runs: int):
     layers = ffn_layers(model)
     labels = torch.stack([partition_labels(f.cluster_rows(), n_experts, "random", seed=f.index).cpu() for f in layers])
     experts = ExpertMap(labels, n_experts)
+    n_coarse = round(layers[0].width / PAPER_NEURONS)
+    coarse = ExpertMap(torch.stack([partition_labels(f.cluster_rows(), n_coarse, "random", seed=f.index).cpu()
+                                    for f in layers]), n_coarse)
     profilers = {}
     for label, setting in variants(device).items():
         if setting is not None:
             setting = dict(setting)
-            cls = ExpertProfiler
-            profilers[label] = cls(model, experts, **setting)
+            maps = [experts, coarse] if setting.pop("coarse", False) else experts
+            profilers[label] = ExpertProfiler(model, maps, **setting)
 
     def run(label):
         if label not in profilers:
@@ -155,9 +164,9 @@ def checks(profilers: dict, tokens: int, passes: int) -> list[str]:
     for label, p in profilers.items():
         if "compiled" in label:
             eager = next(q for other, q in profilers.items() if "compiled" not in other and "fp32" not in other
-                         and (q.rule, q.mode, q.neurons) == (p.rule, p.mode, p.neurons))
-            same = torch.equal(p.expert_counts, eager.expert_counts) and torch.equal(p.neuron_counts,
-                                                                                      eager.neuron_counts)
+                         and (q.rule, q.mode, q.neurons, list(q.counts)) == (p.rule, p.mode, p.neurons, list(p.counts)))
+            same = all(torch.equal(p.counts[k], eager.counts[k]) for k in p.counts) and torch.equal(
+                p.neuron_counts, eager.neuron_counts)
             lines.append(f"- {label}: counts equal the eager variant's: {same}")
         if "fp32" in label:
             moved = (p.expert_counts - default.expert_counts).abs().sum().item()

@@ -299,6 +299,26 @@ def script_control(sim: np.ndarray, groups: Mapping[str, Sequence[str]], fragmen
     return out
 
 
+SCRIPT_TESTS = ("family", "script", "fragmentation", "family | script", "family | script, fragmentation",
+                "script | family")
+
+
+def script_table(controls: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """script_control results, tests x models: r and permutation p of each (partial) Mantel test, and the ARIs."""
+    def cell(t: Mapping[str, float] | None) -> str:
+        return "not testable" if t is None else f"r = {t['r']:+.3f}, p = {t['p_value']:.4f}"
+
+    return pd.DataFrame({m: {**{t: cell(c[t]) for t in SCRIPT_TESTS}, "ARI vs families": f"{c['ari_family']:.3f}",
+                             "ARI vs scripts": f"{c['ari_script']:.3f}"} for m, c in controls.items()})
+
+
+def fragmentation_table(fragmentation: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """token_fragmentation results per model side by side: languages x (model, measure)."""
+    keys = ("tokens", "characters", "tokens_per_character", "ratio_to_reference")
+    return pd.concat({m: pd.DataFrame({k: f[k] for k in keys}, index=f["languages"])
+                      for m, f in fragmentation.items()}, axis=1)
+
+
 def script_findings(model: str, control: Mapping[str, Any], alpha: float = 0.05) -> list[str]:
     """The family-vs-script results of one model as a sentence."""
     def test(name: str) -> str:
@@ -306,7 +326,8 @@ def script_findings(model: str, control: Mapping[str, Any], alpha: float = 0.05)
         return "not testable (explained by the controls)" if t is None else f"r = {t['r']:+.2f}, p = {t['p_value']:.4f}"
 
     within = control["within_script"]
-    inside = ("no script holds two families with a shared family" if within is None else
+    inside = ("no script's languages include two families with two languages in one, so the within-script test "
+              "cannot run" if within is None else
               f"among the {len(within['members'])} {within['group']}-script languages the family gap is "
               f"{within['gap']:+.3f} (p = {within['p_value']:.4f})")
     fixed = control.get("family | script")
@@ -614,8 +635,9 @@ def countings(tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> list[Count
 
 
 def neuron_counting(tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> Counting:
-    """The per-neuron counts (meta["neuron_rule"]) as a counting of one-neuron experts, without halves."""
-    return Counting("neurons", meta["neuron_rule"], int(tensors["neuron_counts"].shape[-1]), 1.0,
+    """The per-neuron counts (|a| > neuron_scale x the token's RMS) as a counting of one-neuron experts, without
+    halves."""
+    return Counting("neurons", f"|a| > {meta['neuron_scale']:g} RMS", int(tensors["neuron_counts"].shape[-1]), 1.0,
                     frequencies(tensors["neuron_counts"], tensors["tokens"]), None)
 
 
@@ -694,13 +716,15 @@ def _halves_spread(values: Sequence[float]) -> float:
 @dataclass
 class RuleSensitivity:
     """One model's countings side by side: the table, which row is the paper's rule and which the main one,
-    and the shared / specific / dormant fractions over the tau grid per counting ([T, 3] each)."""
+    the shared / specific / dormant fractions over the tau grid per counting ([T, 3] each), and per counting
+    the fraction of each layer's experts with f >= tau_high, mean over languages ([L] each)."""
 
     table: pd.DataFrame
     paper: str
     main: str
     taus: tuple[float, ...]
     curves: dict[str, np.ndarray]
+    high_per_layer: dict[str, np.ndarray]
 
 
 def rule_sensitivity(tensors: Mapping[str, Any], meta: Mapping[str, Any], params: AnalysisParams
@@ -712,7 +736,8 @@ def rule_sensitivity(tensors: Mapping[str, Any], meta: Mapping[str, Any], params
     low = params.tau_low / params.tau_high if params.tau_high else 1.0
     return RuleSensitivity(sensitivity_table(every, params), paper_counting(counts).label, counts[0].label,
                            tuple(params.tau_grid),
-                           {c.label: tau_fractions(c.freq, params.tau_grid, low, params.max_specific) for c in every})
+                           {c.label: tau_fractions(c.freq, params.tau_grid, low, params.max_specific) for c in every},
+                           {c.label: high_counts(c.freq, params.tau_high).mean(0) / c.n_experts for c in every})
 
 
 def verdicts(summaries: Mapping[str, Summary], rules: Mapping[str, RuleSensitivity],

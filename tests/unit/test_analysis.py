@@ -319,19 +319,19 @@ def _small_rules():
     meta = {"countings": [{"rule": "topk", "mode": "sum", "n_experts": 4, "neurons_per_expert": 2.0,
                            "tensor": "expert_counts_halves"},
                           {"rule": "zscore", "mode": "sum", "n_experts": 2, "neurons_per_expert": 4.0, "tensor": "x"}],
-            "neuron_rule": "|a_i| > 1 x RMS"}
+            "neuron_scale": 1.0}
     return rule_sensitivity(tensors, meta, AnalysisParams(tau_high=0.4, tau_low=0.2, tau_grid=(0.004, 0.4)))
 
 
 def test_rule_sensitivity_compares_every_counting():
     rules = _small_rules()
     assert rules.paper == "zscore · sum · 2 × 4" and rules.main == "topk · sum · 4 × 2"
-    assert list(rules.table.index) == [rules.main, rules.paper, "neurons · |a_i| > 1 x RMS · 8 × 1"]
+    assert list(rules.table.index) == [rules.main, rules.paper, "neurons · |a| > 1 RMS · 8 × 1"]
     paper = rules.table.loc[rules.paper]
     assert paper["shared"] == 0.5 and paper["dormant"] == 0.5 and paper["shared s.e."] == 0
     assert rules.table.loc[rules.main, "shared"] == 0.25  # as in the summary: 2 of 8
     assert rules.table.loc[rules.main, "shared s.e."] == 0  # the two halves shift one expert by ± .02 both
-    neurons = rules.table.loc["neurons · |a_i| > 1 x RMS · 8 × 1"]
+    neurons = rules.table.loc["neurons · |a| > 1 RMS · 8 × 1"]
     assert neurons["shared"] == 0 and neurons["τ for 50% shared"] == 0.25 and np.isnan(neurons["shared s.e."])  # f = .25, no halves
     np.testing.assert_allclose(rules.curves[rules.paper][:, 0], [0.75, 0.5])  # shared at tau .004 and .4
 
