@@ -16,8 +16,7 @@ coarser one of about 43 neurons per expert, the paper's size). Rules:
 Per-neuron counts come out of the same pass, by a magnitude rule: neuron i is active on a token when
 |a_i| > neuron_scale x the root mean square of that token's a over the layer's neurons (scale-free per token
 and layer; the sign a_i > 0 is a coin flip for gated FFNs, 0.49-0.51 in every layer of both embedded
-models). Only tokens of the batch's count mask
-count (never BOS, padding or other special tokens). Nothing token-level outlives a batch, nothing is copied
+models). Only tokens of the batch's count mask count (never BOS, padding or other special tokens). Nothing token-level outlives a batch, nothing is copied
 to the host, and the LM head never runs. Counters are plain tensors, so processes can all-reduce them.
 """
 
