@@ -247,15 +247,15 @@ rules = {name: rule_sensitivity(p.tensors, p.meta, analysis) for name, p in prof
 display(pd.concat({n: r.table for n, r in rules.items()}).round(4))
 fig = tau_sensitivity({n: r.curves for n, r in rules.items()}, analysis.tau_grid,
                       {n: r.paper for n, r in rules.items()}, {"shared": 0.5, "dormant": 1000 / 8192})
-save_figure(fig, "tau_sensitivity", P, caption(P, ", ".join(rules), **details, variants=P.variants,
-                                                expert_neurons=P.expert_neurons, neuron_scale=P.neuron_scale,
-                                                tau_low_over_tau_high=P.tau_low / P.tau_high),
+save_figure(fig, "tau_sensitivity", P, caption(P, ", ".join(rules), paragraphs=details["paragraphs"],
+                                                ratio=P.ratio, neuron_scale=P.neuron_scale,
+                                                specific_low=f"{P.tau_low / P.tau_high:g}τ"),
             width=1400, height=750)
 fig.show()
 fig = rule_layers({n: r.high_per_layer for n, r in rules.items()}, P.tau_high)
-save_figure(fig, "rule_layers", P, caption(P, ", ".join(rules), **details, variants=P.variants,
-                                            expert_neurons=P.expert_neurons, tau_high=P.tau_high),
-            width=1300, height=550)
+save_figure(fig, "rule_layers", P, caption(P, ", ".join(rules), paragraphs=details["paragraphs"], ratio=P.ratio,
+                                            tau_high=P.tau_high),
+            width=1300, height=750)
 fig.show()
 print("\n".join(f for n, r in rules.items() for f in sensitivity_findings(n, r.table, r.paper)))
 
