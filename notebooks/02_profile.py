@@ -59,6 +59,7 @@ from babel_lib.babel.analysis import (
     frequencies,
     language_table,
     reorder,
+    fragmentation_findings,
     fragmentation_table,
     rule_sensitivity,
     script_control,
@@ -295,7 +296,7 @@ print("\n".join(f for s in summaries.values() for f in s.family_findings(P.alpha
 #
 # Languages of one family often share a script, and a shared script means shared tokens, so a family effect can
 # be a script effect. Three checks hold script fixed: the family gap among the languages of the largest script
-# (Latin here: Germanic, Romance, Slavic, Uralic, Basque, Turkic, Vietic and Austronesian languages); partial
+# (on the default run the twelve Latin-script languages, of six families); partial
 # Mantel tests of activation similarity against "same family" after regressing out "same script" (and
 # tokenizer fragmentation), with permutation p-values; and the adjusted Rand index of the dendrogram against
 # families and against scripts. Fragmentation is how many tokens each tokenizer needs for the same paragraphs
@@ -310,6 +311,7 @@ fig = fragmentation_bars({n: f["ratio_to_reference"] for n, f in fragmentation.i
 save_figure(fig, "fragmentation", P, caption(P, ", ".join(fragmentation), paragraphs=details["paragraphs"]),
             width=1200, height=500)
 fig.show()
+print("\n".join(fragmentation_findings(fragmentation)))
 controls = {n: script_control(s.similarity, groups, fragmentation[n]["ratio_to_reference"], s.linkage,
                               P.n_permutations, P.seed) for n, s in summaries.items()}
 display(script_table(controls))

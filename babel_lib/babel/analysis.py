@@ -319,6 +319,17 @@ def fragmentation_table(fragmentation: Mapping[str, Mapping[str, Any]]) -> pd.Da
                       for m, f in fragmentation.items()}, axis=1)
 
 
+def fragmentation_findings(fragmentation: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One sentence per model: how unevenly its tokenizer cuts the same paragraphs (token_fragmentation)."""
+    out = []
+    for m, f in fragmentation.items():
+        r, codes = np.asarray(f["ratio_to_reference"]), f["languages"]
+        lo, hi = int(np.argmin(r)), int(np.argmax(r))
+        out.append(f"{m}: the same paragraphs take {r[lo]:.2f}× ({codes[lo]}) to {r[hi]:.2f}× ({codes[hi]}) the "
+                   f"tokens of {f['reference']}; the median language needs {np.median(r):.2f}×.")
+    return out
+
+
 def script_findings(model: str, control: Mapping[str, Any], alpha: float = 0.05) -> list[str]:
     """The family-vs-script results of one model as a sentence."""
     def test(name: str) -> str:

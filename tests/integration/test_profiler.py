@@ -286,3 +286,14 @@ def test_instruction_tuning_path_on_two_tiny_models(tiny):
     assert same["mean_abs_difference"] == 0.0 and same["shared_jaccard"] == 1.0
     assert diff["mean_abs_difference"] > 0 and (diff["layer_correlation"] < 1).all()
     assert diff["layer_correlation"].shape == (3,)
+
+
+def test_token_fragmentation_counts_text_tokens_only(tiny):
+    """The tiny byte tokenizer: one token per UTF-8 byte, so Greek letters (2 bytes) take twice the tokens."""
+    from babel_lib.babel.profiler import token_fragmentation
+
+    lm = tiny("llama")
+    f = token_fragmentation(lm.tokenizer, {"en": ["abc", "de"], "el": ["αβγ", "δε"]})
+    assert f["tokens"].tolist() == [5, 10] and f["characters"].tolist() == [5, 5]
+    assert f["ratio_to_reference"].tolist() == [1.0, 2.0] and f["tokens_per_character"].tolist() == [1.0, 2.0]
+    assert token_fragmentation(lm.tokenizer, {"el": ["αβγ"]})["reference"] == "el"  # no English: the first

@@ -8,7 +8,7 @@ import torch
 
 from babel_lib.babel.analysis import (AnalysisParams, adjusted_rand, beyond_noise, cluster, cluster_agreement,
                                 compare_variants, cross_model_findings, dendrogram, depth_peak, expert_ids,
-                                expert_order, family_agreement, frequencies, high_counts, layer_budget, mantel,
+                                expert_order, family_agreement, fragmentation_findings, frequencies, high_counts, layer_budget, mantel,
                                 off_diagonal_correlation, pairwise_beyond_noise, paper_thresholds, partial_mantel,
                                 reorder, rule_sensitivity, same_group, script_control, script_findings,
                                 shared_experts, similarity, spearman_brown, specific_experts, split_half_correlation,
@@ -190,6 +190,10 @@ def test_family_held_within_one_script_and_script_control():
     assert control["ari_family"] == 1.0 and control["family"]["r"] > 0.9
     assert control["family | script"]["r"] > 0.5 and control["within_script"]["members"] == [0, 1, 2, 4]
     assert same_group(FAMILIES)[0].tolist() == [1, 1, 1, 0, 0]
+    frag = {"m": {"languages": ["en", "el", "ja"], "ratio_to_reference": np.array([1.0, 4.7, 2.0]),
+                  "reference": "en"}}
+    assert fragmentation_findings(frag) == ["m: the same paragraphs take 1.00× (en) to 4.70× (el) the tokens of en; "
+                                            "the median language needs 2.00×."]
     # every family with its own script: the partial tests cannot separate them and say so
     alone = script_control(SIM, {"family": FAMILIES, "script": FAMILIES}, [1, 2, 3, 4, 5], cluster(SIM), n_permutations=50)
     assert alone["family | script"] is None
