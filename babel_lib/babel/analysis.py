@@ -342,8 +342,9 @@ def script_findings(model: str, control: Mapping[str, Any], alpha: float = 0.05)
               f"among the {len(within['members'])} {within['group']}-script languages the family gap is "
               f"{within['gap']:+.3f} (p = {within['p_value']:.4f})")
     fixed = control.get("family | script")
-    verdict = ("survives" if fixed is not None and fixed["p_value"] < alpha else "does not survive")
-    return [f"{model}: the family effect {verdict} holding script fixed. Similarity vs same family {test('family')}; "
+    verdict = ("cannot be told from a script effect in this language set" if fixed is None else
+               f"{'survives' if fixed['p_value'] < alpha else 'does not survive'} holding script fixed")
+    return [f"{model}: the family effect {verdict}. Similarity vs same family {test('family')}; "
             f"vs same script {test('script')}; vs tokenizer fragmentation {test('fragmentation')}. Partial Mantel: "
             f"family | script {test('family | script')}; family | script and fragmentation "
             f"{test('family | script, fragmentation')}; script | family {test('script | family')}. {inside[0].upper()}"

@@ -198,6 +198,8 @@ def test_family_held_within_one_script_and_script_control():
     alone = script_control(SIM, {"family": FAMILIES, "script": FAMILIES}, [1, 2, 3, 4, 5], cluster(SIM), n_permutations=50)
     assert alone["family | script"] is None
     assert "not testable" in script_findings("m", alone)[0]
+    assert script_findings("m", alone)[0].startswith("m: the family effect cannot be told from a script effect")
+    assert script_findings("m", control, alpha=1.0)[0].startswith("m: the family effect survives holding script")
 
 
 def test_tau_grid_fractions_and_paper_thresholds_by_hand():
