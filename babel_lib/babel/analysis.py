@@ -686,13 +686,14 @@ def sensitivity_table(counts: Sequence[Counting], params: AnalysisParams) -> pd.
     rows = []
     for c in counts:
         values = tau_fractions(c.freq, [params.tau_high, params.tau_rare], low, params.max_specific)
-        halves = ([tau_fractions(h, [params.tau_high, params.tau_rare], low, params.max_specific) for h in c.halves]
-                  if c.halves is not None else None)
-        se = (lambda r, col: _halves_spread([h[r, col] for h in halves])) if halves else (lambda r, col: np.nan)
+        se = np.full_like(values, np.nan)  # split-half s.e. of each value (none for the per-neuron counts)
+        if c.halves is not None:
+            a, b = (tau_fractions(h, [params.tau_high, params.tau_rare], low, params.max_specific) for h in c.halves)
+            se = np.abs(a - b) / 2  # _halves_spread of the two halves
         half_tau, dormant_tau = paper_thresholds(c.freq)
         budget = layer_budget(c.freq)
-        rows.append({"counting": c.label, "shared": values[0, 0], "shared s.e.": se(0, 0), "specific": values[0, 1],
-                     "dormant": values[1, 2], "dormant s.e.": se(1, 2), "τ for 50% shared": half_tau,
+        rows.append({"counting": c.label, "shared": values[0, 0], "shared s.e.": se[0, 0], "specific": values[0, 1],
+                     "dormant": values[1, 2], "dormant s.e.": se[1, 2], "τ for 50% shared": half_tau,
                      "τ for 12.2% dormant": dormant_tau,
                      "high-frequency peak": depth_peak(high_counts(c.freq, params.tau_high).mean(0)),
                      "layer budget min–max": f"{budget.min():.2f}–{budget.max():.2f}"})
