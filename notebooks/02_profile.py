@@ -29,6 +29,13 @@
 # the LM head never runs. Even and odd paragraphs are counted separately in the same pass, which gives the
 # stability check at the end for free.
 #
+# The same forward also counts the `variants` (the paper's v1 rule: z-normalise each layer's scores, then take
+# the top `ratio` of all experts across layers; and sums of |a| beside signed sums) and does all of it a second
+# time for experts of about `expert_neurons` = 43 neurons, the paper's size (11,008 / 256), from a second
+# partition made like notebook 01's (same method and seed). Our main experts are 8 neurons (Gemma) and 6
+# (SmolLM2). Per neuron, the pass counts how often |a_i| exceeds `neuron_scale` times the root mean square of
+# that token's activations in the layer: the sign a_i > 0 is a coin flip for gated FFNs.
+#
 # The corpus is parallel (the same LibreOffice help paragraphs in 17 languages), so differences between
 # languages are not differences of topic. All numbers and sentences below are computed by this run; the
 # embedded models are 4-bit quantised GGUF weights dequantised to float.
@@ -52,25 +59,34 @@ from babel_lib.babel.analysis import (
     frequencies,
     language_table,
     reorder,
+    fragmentation_findings,
+    fragmentation_table,
+    rule_sensitivity,
+    script_control,
+    script_findings,
+    script_table,
+    sensitivity_findings,
     variant_findings,
     verdicts,
 )
-from babel_lib.babel.conversion import run_partition
 from babel_lib.babel.explorer import PLOTLY_CONFIG, Explorer, load_frequencies
 from babel_lib.babel.plots import (
     dendrograms,
     difference_grid,
+    fragmentation_bars,
     frequency_explorer,
     frequency_grid,
     high_frequency_layers,
     kernel_free_explorer,
     model_comparison,
+    rule_layers,
     shared_specific_layers,
     similarity_matrices,
     stability,
+    tau_sensitivity,
     variant_comparison,
 )
-from babel_lib.babel.profiler import ProfileParams, calibration_sample, save_index
+from babel_lib.babel.profiler import ProfileParams, calibration_sample, save_index, token_fragmentation
 from babel_lib.core import config
 from babel_lib.core.artefacts import ArtefactStore
 from babel_lib.core.figures import caption, save_figure
@@ -104,13 +120,14 @@ languages
 # every setting; `frequencies/index-<run>.json` tells the explorer which file belongs to which model.
 
 # %%
-profiles, n_experts = {}, None
+profiles, fragmentation, n_experts = {}, {}, None
 for name in P.models:
     lm = load_model(name, P.device, P.dtype)
-    part = run_partition(store, lm, profile, model)
-    profiles[name] = profiler.profile(store, lm, part, counting, texts, split="calibration")
-    n_experts = part.params.n_experts
-    del lm, part
+    parts = profiler.partitions(store, lm, counting, profile, model)
+    profiles[name] = profiler.profile(store, lm, parts, counting, texts, split="calibration")
+    fragmentation[name] = token_fragmentation(lm.tokenizer, texts)
+    n_experts = parts[0].params.n_experts
+    del lm, parts
 save_index(P.artefacts, P.run, profiles)
 pd.DataFrame({name: p.summary() for name, p in profiles.items()})
 
@@ -214,6 +231,36 @@ for name, s in summaries.items():
 pd.concat(tables, axis=1)
 
 # %% [markdown]
+# ## How much do the shares depend on the rule, the score and the expert size?
+#
+# Per-layer top-k gives every layer the same budget (`ratio` of its experts per token), so it cannot say in
+# which layers high-frequency experts sit, and with small experts a layer's budget is spread thin. The table
+# compares every counting of the pass: the rule (`topk` per layer, `zscore` the paper's cross-layer rule), the
+# score (`sum` of a, `abs` sum of |a|), and the expert size (experts × neurons per expert; the last row is the
+# per-neuron magnitude rule). For each: the shared fraction (f ≥ `tau_high` in every language) and the dormant
+# fraction (f < `tau_rare` in every language) with their split-half s.e., the largest τ at which half the experts
+# are shared and the frequency below which 12.2% (the paper's 1,000 of 8,192) are dormant, where high-frequency
+# experts peak, and the range of the layers' budgets (mean frequency of the layer over the overall mean: 1 for
+# per-layer top-k). The figures sweep τ over `tau_grid` and show the high-frequency experts per layer.
+
+# %%
+rules = {name: rule_sensitivity(p.tensors, p.meta, analysis) for name, p in profiles.items()}
+display(pd.concat({n: r.table for n, r in rules.items()}).round(4))
+fig = tau_sensitivity({n: r.curves for n, r in rules.items()}, analysis.tau_grid,
+                      {n: r.paper for n, r in rules.items()}, {"shared": 0.5, "dormant": 1000 / 8192})
+save_figure(fig, "tau_sensitivity", P, caption(P, ", ".join(rules), paragraphs=details["paragraphs"],
+                                                ratio=P.ratio, neuron_scale=P.neuron_scale,
+                                                specific_low=f"{P.tau_low / P.tau_high:g}τ"),
+            width=1400, height=750)
+fig.show()
+fig = rule_layers({n: r.high_per_layer for n, r in rules.items()}, P.tau_high)
+save_figure(fig, "rule_layers", P, caption(P, ", ".join(rules), paragraphs=details["paragraphs"], ratio=P.ratio,
+                                            tau_high=P.tau_high),
+            width=1300, height=750)
+fig.show()
+print("\n".join(f for n, r in rules.items() for f in sensitivity_findings(n, r.table, r.paper)))
+
+# %% [markdown]
 # ## Language similarity and language families
 #
 # Similarity of two languages is the `similarity` metric of their flattened frequency maps (with
@@ -243,6 +290,32 @@ agreement = pd.DataFrame([{"model": n, "grouping": g, **{k: a[k] for k in ("with
 agreement = agreement.set_index(["model", "grouping"])
 display(agreement.round(4))
 print("\n".join(f for s in summaries.values() for f in s.family_findings(P.alpha)))
+
+# %% [markdown]
+# ## Family or script?
+#
+# Languages of one family often share a script, and a shared script means shared tokens, so a family effect can
+# be a script effect. Three checks hold script fixed: the family gap among the languages of the largest script
+# (on the default run the twelve Latin-script languages, of six families); partial
+# Mantel tests of activation similarity against "same family" after regressing out "same script" (and
+# tokenizer fragmentation), with permutation p-values; and the adjusted Rand index of the dendrogram against
+# families and against scripts. Fragmentation is how many tokens each tokenizer needs for the same paragraphs
+# (tokens per English token, and per character): a language cut into many short tokens may look alike to others
+# cut the same way whatever its family.
+
+# %%
+frag = fragmentation_table(fragmentation)
+display(frag.round(3))
+fig = fragmentation_bars({n: f["ratio_to_reference"] for n, f in fragmentation.items()}, P.languages,
+                         next(iter(fragmentation.values()))["reference"])
+save_figure(fig, "fragmentation", P, caption(P, ", ".join(fragmentation), paragraphs=details["paragraphs"]),
+            width=1200, height=500)
+fig.show()
+print("\n".join(fragmentation_findings(fragmentation)))
+controls = {n: script_control(s.similarity, groups, fragmentation[n]["ratio_to_reference"], s.linkage,
+                              P.n_permutations, P.seed) for n, s in summaries.items()}
+display(script_table(controls))
+print("\n".join(f for n, c in controls.items() for f in script_findings(n, c, P.alpha)))
 
 # %% [markdown]
 # ## Stability: which differences are real?
@@ -295,8 +368,8 @@ if not P.instruct_pairs:
 variants = {}
 for base_name, instruct_name in P.instruct_pairs:
     base = load_model(base_name, P.device, P.dtype)
-    part = run_partition(store, base, profile, model)
-    freq = {lm.name: frequencies(*(profiler.profile(store, lm, part, counting, texts, split="calibration").tensors[k]
+    parts = profiler.partitions(store, base, counting, profile, model)
+    freq = {lm.name: frequencies(*(profiler.profile(store, lm, parts, counting, texts, split="calibration").tensors[k]
                                    for k in ("expert_counts", "tokens")))
             for lm in (base, load_model(instruct_name, P.device, P.dtype))}
     variants[f"{base_name} → {instruct_name}"] = compare_variants(freq[base_name], freq[instruct_name], P.tau_high)
@@ -314,7 +387,7 @@ if variants:
 # next to it.
 
 # %%
-results = verdicts(summaries, P.alpha, variants)
+results = verdicts(summaries, rules, controls, P.alpha, variants)
 save_verdicts(P, results)
 verdict_table(results)
 
@@ -328,8 +401,9 @@ verdict_table(results)
 # (JupyterLab, or `make explore` for a standalone app); the rendered HTML shows the kernel-free heatmap after it.
 #
 # The artefacts (`build/<profile>/artefacts/frequencies/`, listed in `index-<run>.json`) hold the counts per
-# language, layer and expert, the per-neuron counts (a neuron counts as active when a > 0) and the split-half
-# counts; notebook 05 (pruning) reads them too.
+# language, layer and expert under every counting, the per-neuron counts (a neuron counts as active when |a| is
+# above `neuron_scale` times the token's RMS in the layer) and the split-half counts; notebook 05 (pruning) reads
+# them too.
 
 # %%
 Explorer(load_frequencies(P.artefacts, P.run), noise_z=P.noise_z, source=f"run {P.run}")

@@ -34,6 +34,8 @@ class AnalysisParams(StudyParams):
 
     tau_high: float = param(0.4, ge=0, le=1)  # high-frequency expert: f >= tau_high
     tau_low: float = param(0.25, ge=0, le=1)  # language-specific: f < tau_low in every other language
+    tau_rare: float = param(0.01, ge=0, le=1)  # dormant (rarely activated): f < tau_rare in every language
+    tau_grid: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # sensitivity
     max_specific: int = param(2, ge=1)  # specific: high-frequency in at most this many languages
     similarity: Literal["cosine", "pearson", "jaccard"] = "pearson"
     center: bool = True  # compare each language's deviation from the all-language mean
@@ -45,6 +47,8 @@ class AnalysisParams(StudyParams):
     def check(self) -> None:
         if self.tau_low > self.tau_high:
             raise self.invalid("tau_low", f"{self.tau_low} is above tau_high={self.tau_high}")
+        if not self.tau_grid or not all(0 < t <= 1 for t in self.tau_grid):
+            raise self.invalid("tau_grid", f"{list(self.tau_grid)} must be a non-empty list of values in (0, 1]")
 
 
 def _np(x: Any) -> np.ndarray:
@@ -207,6 +211,147 @@ def mantel(a: np.ndarray, b: np.ndarray, n_permutations: int = 10000, seed: int 
     return {"r": observed, "p_value": float((1 + (null >= observed - 1e-12).sum()) / (1 + n_permutations))}
 
 
+def same_group(labels: Sequence[Any]) -> np.ndarray:
+    """[n, n] 1.0 where two items share a label (e.g. a language family), else 0.0: a similarity matrix."""
+    labels = np.asarray(labels)
+    return (labels[:, None] == labels[None, :]).astype(np.float64)
+
+
+def _residualise(y: np.ndarray, controls: np.ndarray) -> np.ndarray:
+    """y [..., P] minus its least-squares fit on an intercept and the control columns [P, c]."""
+    x = np.column_stack([np.ones(len(controls)), controls])
+    return y - y @ (x @ np.linalg.pinv(x)).T
+
+
+def partial_mantel(a: np.ndarray, b: np.ndarray, controls: Sequence[np.ndarray], n_permutations: int = 10000,
+                   seed: int = 0) -> dict[str, float]:
+    """Partial Mantel test: the correlation of two [n, n] matrices over item pairs after regressing both on the
+    `controls` matrices (with an intercept), and a one-sided p-value from permuting the items of `a`
+    (rows and columns together; controls and `b` fixed): p = (1 + #perm r >= observed) / (1 + n)."""
+    a, b = _np(a), _np(b)
+    i, j = _pairs(len(a))
+    ctrl = np.column_stack([_np(c)[i, j] for c in controls]) if len(controls) else np.empty((len(i), 0))
+    rb = _residualise(b[i, j], ctrl)
+    ra = _residualise(a[i, j], ctrl)
+    if np.linalg.norm(rb) < 1e-12 or np.linalg.norm(ra) < 1e-12:
+        raise BabelError("a matrix of the partial Mantel test is fully explained by the controls (e.g. every family "
+                         "has its own script), so nothing is left to test; use languages that vary within a control")
+
+    def corr(res: np.ndarray) -> np.ndarray:
+        return res @ rb / (np.linalg.norm(res, axis=-1) * np.linalg.norm(rb))
+
+    observed = float(corr(ra))
+    rng = np.random.default_rng(seed)
+    perms = np.argsort(rng.random((n_permutations, len(a))), axis=1)
+    null = corr(_residualise(a[perms[:, i], perms[:, j]], ctrl))
+    return {"r": observed, "p_value": float((1 + (null >= observed - 1e-12).sum()) / (1 + n_permutations)),
+            "n_permutations": n_permutations}
+
+
+def within_group_agreement(sim: np.ndarray, families: Sequence[str], held: Sequence[str], n_permutations: int = 10000,
+                           seed: int = 0) -> dict[str, Any] | None:
+    """`family_agreement` among the languages of the largest `held` group (e.g. one script), so the held
+    grouping cannot explain the gap; None when that group lacks pairs within and across families."""
+    held, families = np.asarray(held), np.asarray(families)
+    values, counts = np.unique(held, return_counts=True)
+    keep = np.flatnonzero(held == values[int(np.argmax(counts))])
+    fam = families[keep]
+    _, sizes = np.unique(fam, return_counts=True)
+    if len(sizes) < 2 or sizes.max() < 2:
+        return None
+    sub = _np(sim)[np.ix_(keep, keep)]
+    return {"group": str(held[keep[0]]), "members": keep.tolist(),
+            **family_agreement(sub, fam, n_permutations, seed)}
+
+
+def fragmentation_similarity(ratio: Any) -> np.ndarray:
+    """[n, n] similarity of tokenizer fragmentation: -|log r_i - log r_j| of tokens per reference token r."""
+    log = np.log(_np(ratio).astype(np.float64))
+    return -np.abs(log[:, None] - log[None, :])
+
+
+def script_control(sim: np.ndarray, groups: Mapping[str, Sequence[str]], fragmentation: Any, linkage: np.ndarray,
+                   n_permutations: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """Is activation similarity about family once script (and tokenizer fragmentation) is held fixed?
+
+    Mantel tests of similarity vs same-family, same-script and fragmentation; partial Mantel tests of family
+    controlling for script, and for script and fragmentation; script vs similarity controlling for family; the
+    family gap among the languages of the largest script; the dendrogram's ARI against family and script.
+    """
+    fam, scr = same_group(groups["family"]), same_group(groups["script"])
+    frag = fragmentation_similarity(fragmentation)
+    k = len(set(groups["family"]))
+    cut = hierarchy.fcluster(linkage, k, criterion="maxclust")
+    out: dict[str, Any] = {
+        "family": mantel(sim, fam, n_permutations, seed), "script": mantel(sim, scr, n_permutations, seed),
+        "fragmentation": mantel(sim, frag, n_permutations, seed),
+        "within_script": within_group_agreement(sim, groups["family"], groups["script"], n_permutations, seed),
+        "ari_family": adjusted_rand(groups["family"], cut),
+        "ari_script": adjusted_rand(groups["script"], hierarchy.fcluster(linkage, len(set(groups["script"])),
+                                                                         criterion="maxclust")),
+    }
+    for name, a, controls in (("family | script", fam, [scr]), ("family | script, fragmentation", fam, [scr, frag]),
+                              ("script | family", scr, [fam])):
+        try:
+            out[name] = partial_mantel(sim, a, controls, n_permutations, seed)
+        except BabelError:  # e.g. every family has its own script in a small language set
+            out[name] = None
+    return out
+
+
+SCRIPT_TESTS = ("family", "script", "fragmentation", "family | script", "family | script, fragmentation",
+                "script | family")
+
+
+def script_table(controls: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """script_control results, tests x models: r and permutation p of each (partial) Mantel test, and the ARIs."""
+    def cell(t: Mapping[str, float] | None) -> str:
+        return "not testable" if t is None else f"r = {t['r']:+.3f}, p = {t['p_value']:.4f}"
+
+    return pd.DataFrame({m: {**{t: cell(c[t]) for t in SCRIPT_TESTS}, "ARI vs families": f"{c['ari_family']:.3f}",
+                             "ARI vs scripts": f"{c['ari_script']:.3f}"} for m, c in controls.items()})
+
+
+def fragmentation_table(fragmentation: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """token_fragmentation results per model side by side: languages x (model, measure)."""
+    keys = ("tokens", "characters", "tokens_per_character", "ratio_to_reference")
+    return pd.concat({m: pd.DataFrame({k: f[k] for k in keys}, index=f["languages"])
+                      for m, f in fragmentation.items()}, axis=1)
+
+
+def fragmentation_findings(fragmentation: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One sentence per model: how unevenly its tokenizer cuts the same paragraphs (token_fragmentation)."""
+    out = []
+    for m, f in fragmentation.items():
+        r, codes = np.asarray(f["ratio_to_reference"]), f["languages"]
+        lo, hi = int(np.argmin(r)), int(np.argmax(r))
+        out.append(f"{m}: the same paragraphs take {r[lo]:.2f}× ({codes[lo]}) to {r[hi]:.2f}× ({codes[hi]}) the "
+                   f"tokens of {f['reference']}; the median language needs {np.median(r):.2f}×.")
+    return out
+
+
+def script_findings(model: str, control: Mapping[str, Any], alpha: float = 0.05) -> list[str]:
+    """The family-vs-script results of one model as a sentence."""
+    def test(name: str) -> str:
+        t = control.get(name)
+        return "not testable (explained by the controls)" if t is None else f"r = {t['r']:+.2f}, p = {t['p_value']:.4f}"
+
+    within = control["within_script"]
+    inside = ("no script's languages include two families with two languages in one, so the within-script test "
+              "cannot run" if within is None else
+              f"among the {len(within['members'])} {within['group']}-script languages the family gap is "
+              f"{within['gap']:+.3f} (p = {within['p_value']:.4f})")
+    fixed = control.get("family | script")
+    verdict = ("cannot be told from a script effect in this language set" if fixed is None else
+               f"{'survives' if fixed['p_value'] < alpha else 'does not survive'} holding script fixed")
+    return [f"{model}: the family effect {verdict}. Similarity vs same family {test('family')}; "
+            f"vs same script {test('script')}; vs tokenizer fragmentation {test('fragmentation')}. Partial Mantel: "
+            f"family | script {test('family | script')}; family | script and fragmentation "
+            f"{test('family | script, fragmentation')}; script | family {test('script | family')}. {inside[0].upper()}"
+            f"{inside[1:]}. The dendrogram's ARI is {control['ari_family']:.2f} against families and "
+            f"{control['ari_script']:.2f} against scripts."]
+
+
 def split_half_correlation(freq_halves: Any) -> np.ndarray:
     """Per language, the Pearson correlation of the two halves' frequencies [2, n, L, E] -> [n]."""
     halves = _np(freq_halves)
@@ -293,6 +438,7 @@ class Summary:
     tau_low: float
     max_specific: int
     z: float
+    tau_rare: float
     freq: np.ndarray  # [n, L, E]
     halves: np.ndarray  # [2, n, L, E]
     order: np.ndarray  # [L, E]
@@ -329,8 +475,8 @@ class Summary:
 
     @property
     def rare(self) -> np.ndarray:
-        """[L, E] experts activated on fewer than 1% of the tokens of every language."""
-        return self.freq.max(0) < 0.01
+        """[L, E] experts activated on fewer than tau_rare of the tokens of every language."""
+        return self.freq.max(0) < self.tau_rare
 
     def extreme_pairs(self) -> list[tuple[int, int]]:
         """The closest and the farthest pair of languages by similarity: [(i, j), (i, j)]."""
@@ -342,7 +488,8 @@ class Summary:
         f = self.freq
         return [f"{self.model}: the mean frequency is {f.mean():.3f}; {(f.mean(0) >= self.tau_high).mean():.1%} of "
                 f"experts have a mean frequency ≥ {self.tau_high}, the busiest is activated on {f.max():.0%} of a "
-                f"language's tokens, and {self.rare.mean():.1%} are activated on fewer than 1% of the tokens of "
+                f"language's tokens, and {self.rare.mean():.1%} are activated on fewer than {self.tau_rare:.0%} of "
+                "the tokens of "
                 "every language."]
 
     def difference_findings(self) -> list[str]:
@@ -399,13 +546,13 @@ def analyse(profile_tensors: Mapping[str, Any], languages: Sequence[str], groups
     return summarize(*(profile_tensors[k] for k in ("expert_counts", "tokens", "expert_counts_halves", "tokens_halves")),
                      languages, groups, tau_high=params.tau_high, tau_low=params.tau_low, metric=params.similarity,
                      center=params.center, max_specific=params.max_specific, n_permutations=params.n_permutations,
-                     seed=seed, z=params.noise_z, model=model)
+                     seed=seed, z=params.noise_z, tau_rare=params.tau_rare, model=model)
 
 
 def summarize(counts: Any, tokens: Any, counts_halves: Any, tokens_halves: Any, languages: Sequence[str],
               groups: Mapping[str, Sequence[str]], *, tau_high: float, tau_low: float, metric: str = "pearson",
               center: bool = False, max_specific: int = 1, n_permutations: int = 10000, seed: int = 0,
-              z: float = 3.0, model: str = "") -> Summary:
+              z: float = 3.0, tau_rare: float = 0.01, model: str = "") -> Summary:
     """Every analysis of one model's profile, for the notebook's figures and sentences.
 
     groups: {grouping name: one label per language} (e.g. family, genus, script); the first is the one the
@@ -420,7 +567,7 @@ def summarize(counts: Any, tokens: Any, counts_halves: Any, tokens_halves: Any, 
     half_sims = [similarity(h, metric, center=center, tau_high=tau_high) for h in halves]
     return Summary(
         model=model, languages=list(languages), groups={k: list(v) for k, v in groups.items()}, tau_high=tau_high,
-        tau_low=tau_low, max_specific=max_specific, z=z, freq=freq, halves=halves, order=expert_order(freq),
+        tau_low=tau_low, max_specific=max_specific, z=z, tau_rare=tau_rare, freq=freq, halves=halves, order=expert_order(freq),
         high=high_counts(freq, tau_high), shared=shared_experts(freq, tau_high),
         specific=specific_experts(freq, tau_high, tau_low, max_specific), similarity=sim, linkage=linkage,
         agreement={name: family_agreement(sim, labels, n_permutations, seed) for name, labels in groups.items()},
@@ -472,6 +619,104 @@ def cross_model_findings(summaries: Mapping[str, Summary], alpha: float = 0.05,
     return pd.DataFrame(rows).set_index("finding")
 
 
+@dataclass
+class Counting:
+    """One way of counting activated experts (rule, score mode, expert size) and its frequencies."""
+
+    rule: str
+    mode: str
+    n_experts: int
+    neurons_per_expert: float
+    freq: np.ndarray  # [n, L, E]
+    halves: np.ndarray | None  # [2, n, L, E]; None for the per-neuron counts
+
+    @property
+    def label(self) -> str:
+        return f"{self.rule} · {self.mode} · {self.n_experts} × {self.neurons_per_expert:.3g}"
+
+
+def countings(tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> list[Counting]:
+    """Every counting of a "frequencies" artefact (meta["countings"]; the main one first), as frequencies."""
+    tokens_halves = _np(tensors["tokens_halves"])
+    out = []
+    for c in meta["countings"]:
+        halves = frequencies(tensors[c["tensor"]], tokens_halves)
+        out.append(Counting(c["rule"], c["mode"], int(c["n_experts"]), float(c["neurons_per_expert"]),
+                            frequencies(_np(tensors[c["tensor"]]).sum(0), tokens_halves.sum(0)), halves))
+    return out
+
+
+def neuron_counting(tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> Counting:
+    """The per-neuron counts (|a| > neuron_scale x the token's RMS) as a counting of one-neuron experts, without
+    halves."""
+    return Counting("neurons", f"|a| > {meta['neuron_scale']:g} RMS", int(tensors["neuron_counts"].shape[-1]), 1.0,
+                    frequencies(tensors["neuron_counts"], tensors["tokens"]), None)
+
+
+def tau_fractions(freq: Any, taus: Sequence[float], low_ratio: float, max_specific: int) -> np.ndarray:
+    """[len(taus), 3] fractions of experts that are shared (f >= tau in every language), specific (f >= tau in
+    1..max_specific languages and f < low_ratio * tau in the rest) and dormant (f < tau in every language)."""
+    freq = _np(freq)
+    lo, hi = freq.min(0), freq.max(0)
+    return np.array([[(lo >= t).mean(), specific_experts(freq, t, low_ratio * t, max_specific).any(0).mean(),
+                      (hi < t).mean()] for t in taus])
+
+
+def paper_thresholds(freq: Any, shared: float = 0.5, dormant: float = 1000 / 8192) -> tuple[float, float]:
+    """The thresholds at which the paper's fractions appear: the largest tau with >= `shared` of the experts at
+    f >= tau in every language, and the frequency v such that >= `dormant` of them have f <= v in every
+    language (so any tau above v finds that many dormant)."""
+    freq = _np(freq)
+    lo, hi = np.sort(freq.min(0).ravel())[::-1], np.sort(freq.max(0).ravel())
+    return float(lo[int(np.ceil(shared * lo.size)) - 1]), float(hi[int(np.ceil(dormant * hi.size)) - 1])
+
+
+def layer_budget(freq: Any) -> np.ndarray:
+    """Each layer's mean frequency over languages and experts divided by the overall mean: [L]. 1 everywhere
+    under per-layer top-k; the cross-layer z-score rule moves the budget between layers."""
+    per_layer = _np(freq).mean((0, 2))
+    return per_layer / per_layer.mean()
+
+
+def sensitivity_table(counts: Sequence[Counting], params: AnalysisParams) -> pd.DataFrame:
+    """One row per counting: shared, specific and dormant fractions at the profile's thresholds (± split-half
+    s.e.), the thresholds at which the paper's fractions appear, where high-frequency experts peak and how far
+    the layers' activation budgets spread."""
+    low = params.tau_low / params.tau_high if params.tau_high else 1.0
+    rows = []
+    for c in counts:
+        values = tau_fractions(c.freq, [params.tau_high, params.tau_rare], low, params.max_specific)
+        se = np.full_like(values, np.nan)  # split-half s.e. of each value (none for the per-neuron counts)
+        if c.halves is not None:
+            a, b = (tau_fractions(h, [params.tau_high, params.tau_rare], low, params.max_specific) for h in c.halves)
+            se = np.abs(a - b) / 2  # _halves_spread of the two halves
+        half_tau, dormant_tau = paper_thresholds(c.freq)
+        budget = layer_budget(c.freq)
+        rows.append({"counting": c.label, "shared": values[0, 0], "shared s.e.": se[0, 0], "specific": values[0, 1],
+                     "dormant": values[1, 2], "dormant s.e.": se[1, 2], "τ for 50% shared": half_tau,
+                     "τ for 12.2% dormant": dormant_tau,
+                     "high-frequency peak": depth_peak(high_counts(c.freq, params.tau_high).mean(0)),
+                     "layer budget min–max": f"{budget.min():.2f}–{budget.max():.2f}"})
+    return pd.DataFrame(rows).set_index("counting")
+
+
+def paper_counting(counts: Sequence[Counting], paper_neurons: float = 43.0) -> Counting:
+    """The counting closest to the paper's v1 rule: z-score across layers, signed sums, experts nearest
+    `paper_neurons` neurons; the first (main) counting when no z-score/sum counting was made."""
+    fits = [c for c in counts if (c.rule, c.mode) == ("zscore", "sum")]
+    return min(fits, key=lambda c: abs(c.neurons_per_expert - paper_neurons)) if fits else counts[0]
+
+
+def sensitivity_findings(model: str, table: pd.DataFrame, paper: str) -> list[str]:
+    """Where the paper's fractions appear, per counting, as a sentence."""
+    row = table.loc[paper]
+    return [f"{model}: under the paper's rule ({paper}) {row['shared']:.1%} of experts are shared at τ_high and "
+            f"{row['dormant']:.1%} dormant; half the experts are shared only for τ ≤ {row['τ for 50% shared']:.3f} "
+            f"and 12.2% are dormant only for τ above {row['τ for 12.2% dormant']:.4f}. Across the "
+            f"{len(table)} countings the shared fraction ranges {table['shared'].min():.1%}–{table['shared'].max():.1%} "
+            f"and the dormant fraction {table['dormant'].min():.1%}–{table['dormant'].max():.1%}."]
+
+
 PAPER = "Unraveling Babel"
 PAPER_EXPERTS = 8192  # LLaMA-2-7B: 32 layers x 256 experts (v1)
 
@@ -481,42 +726,84 @@ def _halves_spread(values: Sequence[float]) -> float:
     return abs(values[0] - values[1]) / 2
 
 
-def verdicts(summaries: Mapping[str, Summary], alpha: float = 0.05,
+@dataclass
+class RuleSensitivity:
+    """One model's countings side by side: the table, which row is the paper's rule and which the main one,
+    the shared / specific / dormant fractions over the tau grid per counting ([T, 3] each), and per counting
+    the fraction of each layer's experts with f >= tau_high, mean over languages ([L] each)."""
+
+    table: pd.DataFrame
+    paper: str
+    main: str
+    taus: tuple[float, ...]
+    curves: dict[str, np.ndarray]
+    high_per_layer: dict[str, np.ndarray]
+
+
+def rule_sensitivity(tensors: Mapping[str, Any], meta: Mapping[str, Any], params: AnalysisParams
+                     ) -> RuleSensitivity:
+    """Every counting of a "frequencies" artefact and its per-neuron counts, compared (sensitivity_table) and
+    swept over params.tau_grid (tau_fractions)."""
+    counts = countings(tensors, meta)
+    every = [*counts, neuron_counting(tensors, meta)]
+    low = params.tau_low / params.tau_high if params.tau_high else 1.0
+    return RuleSensitivity(sensitivity_table(every, params), paper_counting(counts).label, counts[0].label,
+                           tuple(params.tau_grid),
+                           {c.label: tau_fractions(c.freq, params.tau_grid, low, params.max_specific) for c in every},
+                           {c.label: high_counts(c.freq, params.tau_high).mean(0) / c.n_experts for c in every})
+
+
+def verdicts(summaries: Mapping[str, Summary], rules: Mapping[str, RuleSensitivity],
+             controls: Mapping[str, Mapping[str, Any]], alpha: float = 0.05,
              variants: Mapping[str, Mapping[str, Any]] | None = None) -> list:
     """Notebook 02's verdicts: the paper's v1 numbers (shared and rarely active experts, language families) and
-    instruction tuning beside ours, each with a split-half or permutation uncertainty and the rule applied."""
+    instruction tuning beside ours, each with a split-half or permutation uncertainty and the rule applied.
+    Shared and dormant fractions are decided under the paper's counting (rules[m].paper), the family claim
+    with script held fixed (controls[m], from script_control)."""
     from babel_lib.core.verdicts import Verdict, decide
 
     out = []
-    shared = {m: (float(s.shared.mean()), _halves_spread([shared_experts(h, s.tau_high).mean() for h in s.halves]))
-              for m, s in summaries.items()}
+    rows = {m: (r.table.loc[r.paper], r.table.loc[r.main], r) for m, r in rules.items()}
     out.append(Verdict(PAPER, "About half of the experts are highly activated in every language",
-                       f"roughly half of {PAPER_EXPERTS:,} experts (LLaMA-2-7B, 9 languages; v1)",
-                       "; ".join(f"{m}: {v:.1%} ± {e:.1%} (f ≥ τ_high in all {len(summaries[m].languages)})"
-                                 for m, (v, e) in shared.items()),
-                       decide(all(0.4 <= v <= 0.6 for v, _ in shared.values()),
-                              any(0.25 <= v <= 0.75 for v, _ in shared.values())),
+                       f"roughly half of {PAPER_EXPERTS:,} experts (LLaMA-2-7B, 9 languages, 256 experts of 43 "
+                       "neurons, z-score rule; v1)",
+                       "; ".join(f"{m}: {p['shared']:.1%} ± {p['shared s.e.']:.1%} ({r.paper}; f ≥ τ_high in all "
+                                 f"{len(summaries[m].languages)}); {x['shared']:.1%} ({r.main}); 50% shared needs "
+                                 f"τ ≤ {p['τ for 50% shared']:.3f}" for m, (p, x, r) in rows.items()),
+                       decide(all(0.4 <= p["shared"] <= 0.6 for p, _, _ in rows.values()),
+                              any(0.25 <= p["shared"] <= 0.75 for p, _, _ in rows.values())),
+                       "under the paper's counting (z-score across layers, signed sums, ~43-neuron experts): "
                        "reproduced when every model's shared fraction is in [40%, 60%]; partly when some model's is "
                        "in [25%, 75%] (± is the split-half s.e.)"))
     paper_rare = 1000 / PAPER_EXPERTS
-    rare = {m: (float(s.rare.mean()), _halves_spread([(h.max(0) < 0.01).mean() for h in s.halves]))
-            for m, s in summaries.items()}
     out.append(Verdict(PAPER, "Many experts are rarely activated in any language",
                        f"over 1,000 of {PAPER_EXPERTS:,} experts ({paper_rare:.1%}; v1)",
-                       "; ".join(f"{m}: {v:.1%} ± {e:.1%} (f < 1% in every language)" for m, (v, e) in rare.items()),
-                       decide(all(v - 2 * e > paper_rare for v, e in rare.values()),
-                              any(v > paper_rare for v, _ in rare.values())),
-                       f"reproduced when every model's rarely-active fraction exceeds {paper_rare:.1%} by 2 s.e.; "
-                       "partly when some model's exceeds it"))
-    fam = {m: (s.agreement[s.grouping], s.ari) for m, s in summaries.items()}
+                       "; ".join(f"{m}: {p['dormant']:.1%} ± {p['dormant s.e.']:.1%} ({r.paper}; f < "
+                                 f"{summaries[m].tau_rare:g} in every language); {x['dormant']:.1%} ({r.main})"
+                                 for m, (p, x, r) in rows.items()),
+                       decide(all(p["dormant"] - 2 * p["dormant s.e."] > paper_rare for p, _, _ in rows.values()),
+                              any(p["dormant"] > paper_rare for p, _, _ in rows.values())),
+                       f"under the paper's counting: reproduced when every model's dormant fraction exceeds "
+                       f"{paper_rare:.1%} by 2 s.e.; partly when some model's exceeds it"))
+
+    def held(c: Mapping[str, Any]) -> str:
+        t = c.get("family | script")
+        return "not testable" if t is None else f"r = {t['r']:+.2f}, p = {t['p_value']:.4f}"
+
+    def fixed(c: Mapping[str, Any]) -> bool:
+        return c.get("family | script") is not None and c["family | script"]["p_value"] < alpha
+
+    fam = {m: s.agreement[s.grouping] for m, s in summaries.items()}
     out.append(Verdict(PAPER, "Related languages (one family) have more similar activation patterns",
                        "stated for en, fr, es, pt, bn, ur, hi, ar, zh (three families; v1); no test statistic",
-                       "; ".join(f"{m}: gap {a['gap']:+.3f}, permutation p = {a['p_value']:.4f}, ARI {ari:.2f}"
-                                 for m, (a, ari) in fam.items()),
-                       decide(all(a["p_value"] < alpha for a, _ in fam.values()),
-                              any(a["p_value"] < alpha for a, _ in fam.values())),
-                       f"reproduced when the within-family minus across-family similarity gap has permutation "
-                       f"p < {alpha} in every model; partly in some"))
+                       "; ".join(f"{m}: ARI {c['ari_family']:.2f} vs families ({c['ari_script']:.2f} vs scripts); "
+                                 f"gap {fam[m]['gap']:+.3f}, p = {fam[m]['p_value']:.4f}; script held fixed "
+                                 f"(partial Mantel) {held(c)}" for m, c in controls.items()),
+                       decide(all(fam[m]["p_value"] < alpha and fixed(c) for m, c in controls.items()),
+                              any(fam[m]["p_value"] < alpha for m in controls)),
+                       f"reproduced when, in every model, the within-family minus across-family similarity gap has "
+                       f"permutation p < {alpha} and so has the partial Mantel test of family controlling for script; "
+                       "partly when only the gap test passes in some model"))
     claim, paper_value = "Instruction tuning changes the activation patterns", "analysed for base/instruct pairs"
     if not variants:
         out.append(Verdict(PAPER, claim, paper_value, "not run on the default (no embedded base/instruct pair)",

@@ -223,6 +223,68 @@ def variant_comparison(results: Mapping[str, Mapping[str, np.ndarray]]) -> go.Fi
     fig.update_layout(title="Instruction tuning: base vs instruct activation frequencies per layer")
     return fig
 
+def _counting_style(i: int, label: str) -> dict:
+    """Line style of the i-th counting of a model (the same position, the same colour in every model's panels);
+    the second expert size is dashed."""
+    return {"color": pc.qualitative.Dark24[i % 24], "dash": "dash" if i >= 4 and "neurons" not in label else "solid"}
+
+
+def tau_sensitivity(curves: Mapping[str, Mapping[str, np.ndarray]], taus: Sequence[float], paper: Mapping[str, str],
+                    references: Mapping[str, float]) -> go.Figure:
+    """Shared, specific and dormant fractions (columns) against the threshold tau (log axis in every panel), one
+    line per counting, one row per model; curves[model][counting] is [T, 3], every model's countings in the same
+    order. The paper's counting (paper[model]) is drawn thick; references {"shared": v, "dormant": v} are the
+    paper's fractions, dotted."""
+    models, kinds = list(curves), ["shared", "specific", "dormant"]
+    fig = make_subplots(rows=len(models), cols=3, shared_xaxes=True, vertical_spacing=0.08, horizontal_spacing=0.06,
+                        subplot_titles=[f"{m}: {k}" for m in models for k in kinds])
+    for row, model in enumerate(models, start=1):
+        for i, (label, values) in enumerate(curves[model].items()):
+            line = {**_counting_style(i, label), "width": 4 if label == paper[model] else 1.5}
+            for col in range(3):
+                fig.add_trace(go.Scatter(x=list(taus), y=values[:, col], mode="lines+markers", name=label,
+                                         legendgroup=model, legendgrouptitle_text=model, showlegend=col == 0,
+                                         line=line, hovertemplate=f"{model}: {label}<br>τ %{{x}}: %{{y:.1%}}"
+                                                                  "<extra></extra>"), row=row, col=col + 1)
+        for col, kind in enumerate(kinds, start=1):
+            if kind in references:
+                fig.add_hline(y=references[kind], line={"dash": "dot", "color": "black"}, row=row, col=col,
+                              annotation_text=f"paper (v1): {references[kind]:.1%}", annotation_position="top left")
+    fig.update_xaxes(type="log", title_text="τ (frequency threshold)")
+    fig.update_yaxes(tickformat=".0%", range=[0, 1])
+    fig.update_layout(title="Shared (f ≥ τ in every language), specific (f ≥ τ in few, low elsewhere) and dormant "
+                            "(f < τ in every language) fractions of experts against τ, per counting rule",
+                      legend={"groupclick": "toggleitem"})
+    return fig
+
+
+def rule_layers(per_layer: Mapping[str, Mapping[str, np.ndarray]], tau_high: float) -> go.Figure:
+    """Per model (columns), the fraction of each layer's experts with f >= tau_high (mean over languages), one
+    line per counting (per_layer[model][counting] is [L], every model's countings in the same order)."""
+    models = list(per_layer)
+    fig = make_subplots(rows=1, cols=len(models), subplot_titles=models, shared_yaxes=True, horizontal_spacing=0.05)
+    for col, model in enumerate(models, start=1):
+        for i, (label, values) in enumerate(per_layer[model].items()):
+            fig.add_trace(go.Scatter(x=list(range(len(values))), y=values, mode="lines+markers", name=label,
+                                     legendgroup=model, legendgrouptitle_text=model,
+                                     line=_counting_style(i, label)), row=1, col=col)
+        fig.update_xaxes(title_text="layer", row=1, col=col)
+    fig.update_yaxes(title_text=f"experts with f ≥ {tau_high} (fraction of the layer)", tickformat=".0%", row=1, col=1)
+    fig.update_layout(title=f"High-frequency experts (f ≥ {tau_high}) per layer under each counting rule")
+    return fig
+
+
+def fragmentation_bars(ratios: Mapping[str, np.ndarray], languages: Sequence[str], reference: str) -> go.Figure:
+    """Tokens per `reference`-language token over the same parallel paragraphs, per language, one bar group per
+    model (ratios[model] is [n])."""
+    fig = go.Figure([go.Bar(x=list(languages), y=r, name=model, hovertemplate="%{x}: %{y:.2f}×<extra></extra>")
+                     for model, r in ratios.items()])
+    fig.add_hline(y=1.0, line={"dash": "dot", "color": "black"})
+    fig.update_layout(title=f"Tokens per {reference} token on the same paragraphs, per language and tokenizer",
+                      barmode="group", xaxis_title="language", yaxis_title=f"tokens / {reference} tokens")
+    return fig
+
+
 def cohesion_figure(cohesion: Mapping[str, Mapping[str, torch.Tensor]]) -> go.Figure:
     """Per-layer mean within-expert cosine similarity, one panel per model, one line per partition method.
 

@@ -3,7 +3,9 @@
 `ExpertProfiler` hooks the neuron activation a (the down projection's input) of every layer. Per token it
 scores each expert (s_e = sum of f(a_i) over the expert's neurons, f = identity, |.| or max(., 0)), picks the
 activated experts by a rule, and adds them into int64 counters [n_groups, n_layers, n_experts]; a group is
-whatever the caller counts separately (a language, a language x split-half). Rules:
+whatever the caller counts separately (a language, a language x split-half). One forward feeds several
+countings: every (rule, mode) pair asked for, on every expert map given (e.g. notebook 01's partition and a
+coarser one of about 43 neurons per expert, the paper's size). Rules:
 
   topk       per layer, the experts whose score is >= the k-th largest (k = round(ratio * n_experts));
              ties at the k-th score all count, so the rule does not depend on a sort's tie order.
@@ -11,9 +13,10 @@ whatever the caller counts separately (a language, a language x split-half). Rul
              across all layers, the experts whose z is >= the K-th largest (K = round(ratio * L * E)).
   threshold  the experts whose score is > `threshold`.
 
-Per-neuron counts come out of the same pass: neuron i is active on a token when a_i > 0 (the sign of the
-down projection's input; for a plain FFN this is LAPE's act(W x) > 0). Only tokens of the batch's count mask
-count (never BOS, padding or other special tokens). Nothing token-level outlives a batch, nothing is copied
+Per-neuron counts come out of the same pass, by a magnitude rule: neuron i is active on a token when
+|a_i| > neuron_scale x the root mean square of that token's a over the layer's neurons (scale-free per token
+and layer; the sign a_i > 0 is a coin flip for gated FFNs, 0.49-0.51 in every layer of both embedded
+models). Only tokens of the batch's count mask count (never BOS, padding or other special tokens). Nothing token-level outlives a batch, nothing is copied
 to the host, and the LM head never runs. Counters are plain tensors, so processes can all-reduce them.
 """
 
@@ -40,7 +43,11 @@ from babel_lib.data.texts import TextSource
 from babel_lib.errors import BabelError
 
 RULES = ("topk", "zscore", "threshold")
-NEURON_RULE = "a > 0"  # when a neuron counts as active (recorded with every artefact)
+
+
+def neuron_rule(scale: float) -> str:
+    """When a neuron counts as active, in words (recorded with every artefact)."""
+    return f"|a_i| > {scale:g} x RMS of the token's a over the layer's neurons"
 
 
 @dataclass(frozen=True)
@@ -58,18 +65,36 @@ class ProfileParams(StudyParams):
     ratio: float = param(0.25, gt=0, le=1)  # topk: share of each layer's experts per token; zscore: of all experts
     threshold: float = 0.0  # rule=threshold: activated when the score is above this
     mode: Literal["sum", "abs", "pos"] = "sum"  # expert score from its neurons' activations
+    variants: tuple[tuple[str, str], ...] = (("zscore", "sum"), ("topk", "abs"), ("zscore", "abs"))  # more
+    # (rule, mode) countings from the same forward, beside (rule, mode)
+    expert_neurons: int | None = param(43, ge=1)  # also count experts of about this many neurons (a second
+    # partition made like notebook 01's; the paper's 11008 / 256 = 43); None = only 01's experts
+    neuron_scale: float = param(1.0, gt=0)  # neuron active: |a_i| > neuron_scale x the token's RMS of a
     compile: bool = False  # torch.compile the per-layer counting (pays off on CUDA)
 
+    def check(self) -> None:
+        for rule, mode in self.variants:
+            if rule not in RULES or mode not in SCORE_MODES:
+                raise self.invalid("variants", f"[{rule}, {mode}] is not a [rule, mode] pair; rules: "
+                                   f"{', '.join(RULES)}; modes: {', '.join(SCORE_MODES)}")
 
-def positive_counts(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per neuron, how many tokens of `mask` have a_i > 0: a [N, d_ff], mask [N] bool -> int64 [d_ff].
+    def countings(self) -> list[tuple[str, str]]:
+        """(rule, mode) pairs counted, the main one first, without repeats."""
+        return list(dict.fromkeys([(self.rule, self.mode), *map(tuple, self.variants)]))
+
+
+def magnitude_counts(a: torch.Tensor, mask: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Per neuron, how many tokens of `mask` have |a_i| > scale x RMS of the token's a over the layer's neurons:
+    a [N, d_ff], mask [N] bool -> int64 [d_ff]. The RMS is taken in float32 (float64 for float64 a).
 
     On CUDA one masked boolean reduction (int32 per batch; torch.compile fuses it into a single pass over a); on
     the CPU a float32 mask-vector product, about twice as fast there and exact while a batch has < 2^24 tokens.
     """
+    x = a if a.dtype == torch.float64 else a.float()
+    active = x.abs() > scale * x.square().mean(-1, keepdim=True).sqrt()
     if a.is_cuda:
-        return ((a > 0) & mask[:, None]).sum(0, dtype=torch.int32)
-    return (mask.float() @ (a > 0).float()).long()
+        return (active & mask[:, None]).sum(0, dtype=torch.int32)
+    return (mask.to(x.dtype) @ active.to(x.dtype)).long()
 
 
 def active_experts(scores: torch.Tensor, rule: str, k: int = 0, threshold: float = 0.0) -> torch.Tensor:
@@ -80,19 +105,15 @@ def active_experts(scores: torch.Tensor, rule: str, k: int = 0, threshold: float
     return top_experts(scores, k)
 
 
-def tally(scores: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, rule: str, k: int, threshold: float,
-          neurons: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One layer's counts for one batch under rule "topk" or "threshold": experts [E] and neurons [d_ff] (or
-    None). One function so that torch.compile can fuse both masked reductions into few passes."""
-    experts = (active_experts(scores, rule, k, threshold) & mask[:, None]).sum(0)
-    return experts, positive_counts(a, mask) if neurons else None
+def tally(scores: torch.Tensor, mask: torch.Tensor, rule: str, k: int, threshold: float) -> torch.Tensor:
+    """One layer's expert counts [E] for one batch under rule "topk" or "threshold" (what torch.compile fuses)."""
+    return (active_experts(scores, rule, k, threshold) & mask[:, None]).sum(0)
 
 
 def zscores(scores: torch.Tensor) -> torch.Tensor:
     """Scores standardised along the last axis (population std; a constant row gives zeros, not NaN)."""
-    mean = scores.mean(-1, keepdim=True)
-    std = scores.std(-1, correction=0, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-    return (scores - mean) / std
+    std, mean = torch.std_mean(scores, -1, correction=0, keepdim=True)  # one kernel: ~10x mean + std on the CPU
+    return (scores - mean) / std.clamp_min(torch.finfo(scores.dtype).tiny)
 
 
 class ExpertProfiler:
@@ -102,48 +123,69 @@ class ExpertProfiler:
         for group, batch in ...: prof.count(batch, group)     # or prof.set_batch(mask, group); model(...)
     prof.expert_counts [G, L, E], prof.neuron_counts [G, L, d_ff], prof.tokens [G]   (int64, on the device)
 
+    `experts` is one ExpertMap or several (their counts are prof.counts[(map index, rule, mode)], each
+    [G, L, E of that map]); every map is counted under (rule, mode) and under each of `variants`, all from the
+    same forward. prof.expert_counts is the first map's (rule, mode) counts.
     Scores are computed in float64 for float64 models (so counts match a float64 reference exactly), in
-    float32 otherwise, by ExpertMap.scores (the one scoring path). scorer="matmul" (the default on CUDA) is one matmul with the one-hot assignment (for
-    bf16/fp16 activations on CUDA a half-precision matmul with float32 output: fp32 accumulation, no fp32
-    copy of the activations); scorer="index_add" (the default on the CPU) adds each neuron into its expert,
-    a fraction of the matmul's cost when d_model is small (the embedded models: E / d_model is 0.4).
-    `compile=True` fuses the per-layer counting (activated set, masks, reductions) with torch.compile (for
-    CUDA; the same counts).
+    float32 otherwise, by ExpertMap.scores (the one scoring path). scorer="matmul" (the default on CUDA) is one
+    matmul with the one-hot assignment (for bf16/fp16 activations on CUDA a half-precision matmul with float32
+    output: fp32 accumulation, no fp32 copy of the activations); scorer="index_add" (the default on the CPU)
+    adds each neuron into its expert, a fraction of the matmul's cost when d_model is small (the embedded
+    models: E / d_model is 0.4). `compile=True` fuses the per-layer counting (activated set, masks,
+    reductions) with torch.compile (for CUDA; the same counts).
     """
 
-    def __init__(self, model: LoadedModel | nn.Module, experts: ExpertMap, n_groups: int = 1, *,
-                 rule: str = "topk", ratio: float = 0.25, threshold: float = 0.0, mode: str = "sum",
-                 neurons: bool = True, scorer: str = "auto", compile: bool = False):
+    def __init__(self, model: LoadedModel | nn.Module, experts: ExpertMap | Sequence[ExpertMap], n_groups: int = 1,
+                 *, rule: str = "topk", ratio: float = 0.25, threshold: float = 0.0, mode: str = "sum",
+                 variants: Sequence[tuple[str, str]] = (), neurons: bool = True, neuron_scale: float = 1.0,
+                 scorer: str = "auto", compile: bool = False):
         self.model = model.model if isinstance(model, LoadedModel) else model
-        if rule not in RULES:
-            raise BabelError(f"unknown activation rule {rule!r}; choose one of {', '.join(RULES)}")
-        if mode not in SCORE_MODES:
-            raise BabelError(f"unknown score mode {mode!r}; choose one of {', '.join(SCORE_MODES)}")
+        self.maps = [experts] if isinstance(experts, ExpertMap) else list(experts)
+        self.countings = list(dict.fromkeys([(rule, mode), *map(tuple, variants)]))
+        for r, m in self.countings:
+            if r not in RULES:
+                raise BabelError(f"unknown activation rule {r!r}; choose one of {', '.join(RULES)}")
+            if m not in SCORE_MODES:
+                raise BabelError(f"unknown score mode {m!r}; choose one of {', '.join(SCORE_MODES)}")
         if scorer not in ("auto", *SCORERS):
             raise BabelError(f"unknown scorer {scorer!r}; choose one of auto, {', '.join(SCORERS)}")
         if n_groups < 1:
             raise BabelError(f"n_groups={n_groups} must be at least 1")
-        L, E = experts.n_layers, experts.n_experts
-        pool = E * (L if rule == "zscore" else 1)
-        self.k = round(ratio * pool)
-        if rule != "threshold" and not 1 <= self.k <= pool:
-            raise BabelError(f"ratio={ratio} selects {self.k} of {pool} experts; choose a ratio in "
-                             f"[{0.5 / pool:.3g}, 1]")
-        self.experts, self.rule, self.ratio, self.threshold, self.mode = experts, rule, ratio, threshold, mode
+        if not self.maps or len({(m.n_layers, m.width) for m in self.maps}) > 1:
+            raise BabelError("the expert maps must all be of one model (same layers and width); pass one map per "
+                             "partition of that model")
+        if neuron_scale <= 0:
+            raise BabelError(f"neuron_scale={neuron_scale} must be positive")
+        L = self.maps[0].n_layers
+        self.k: dict[tuple[int, str], int] = {}  # (map index, rule) -> experts selected per token
+        for i, em in enumerate(self.maps):
+            for r in {r for r, _ in self.countings if r != "threshold"}:
+                pool = em.n_experts * (L if r == "zscore" else 1)
+                self.k[i, r] = round(ratio * pool)
+                if not 1 <= self.k[i, r] <= pool:
+                    raise BabelError(f"ratio={ratio} selects {self.k[i, r]} of {pool} experts; choose a ratio in "
+                                     f"[{0.5 / pool:.3g}, 1]")
+        self.rule, self.ratio, self.threshold, self.mode = rule, ratio, threshold, mode
         self.device = next(self.model.parameters()).device
         self.scorer = scorer if scorer != "auto" else "matmul" if self.device.type == "cuda" else "index_add"
         long = {"dtype": torch.long, "device": self.device}
-        self.expert_counts = torch.zeros(n_groups, L, E, **long)
-        self.neuron_counts = torch.zeros(n_groups, L, experts.width if neurons else 0, **long)
+        self.counts = {(i, r, m): torch.zeros(n_groups, L, em.n_experts, **long)
+                       for i, em in enumerate(self.maps) for r, m in self.countings}
+        self.neuron_counts = torch.zeros(n_groups, L, self.maps[0].width if neurons else 0, **long)
         self.tokens = torch.zeros(n_groups, **long)
-        self.neurons = neurons
-        self._positive = torch.compile(positive_counts) if compile else positive_counts
+        self.neurons, self.neuron_scale = neurons, neuron_scale
+        self._magnitude = torch.compile(magnitude_counts) if compile else magnitude_counts
         self._tally = torch.compile(tally) if compile else tally
-        self._z: torch.Tensor | None = None  # [N, L, E] z-scores of the current batch (zscore rule only)
+        self._z: dict[tuple[int, str], torch.Tensor] = {}  # (map, mode) -> [N, L, E] z-scores of the batch
         self._mask: torch.Tensor | None = None
         self._masks: dict[torch.device, torch.Tensor] = {}
         self._group = 0
         self._stack: ExitStack | None = None
+
+    @property
+    def expert_counts(self) -> torch.Tensor:
+        """The first map's counts under (rule, mode): [G, L, E]."""
+        return self.counts[0, self.rule, self.mode]
 
     @property
     def n_groups(self) -> int:
@@ -153,14 +195,15 @@ class ExpertProfiler:
         from babel_lib.core.ffn import ffn_layers
 
         layers = ffn_layers(self.model)
-        self.experts.check_model(len(layers), layers[0].width)
+        for em in self.maps:
+            em.check_model(len(layers), layers[0].width)
         self._stack = ExitStack()
-        hooks = {site(layer, "mlp.hook_post"): self._hook(layer) for layer in range(self.experts.n_layers)}
+        hooks = {site(layer, "mlp.hook_post"): self._hook(layer) for layer in range(self.maps[0].n_layers)}
         self._stack.enter_context(hooked(self.model, hooks))
         return self
 
     def __exit__(self, *exc) -> None:
-        stack, self._stack, self._z, self._mask = self._stack, None, None, None
+        stack, self._stack, self._z, self._mask = self._stack, None, {}, None
         stack.close()
 
     def set_batch(self, count_mask: torch.Tensor, group: int) -> None:
@@ -200,35 +243,43 @@ class ExpertProfiler:
 
     def _observe(self, layer: int, a: torch.Tensor, mask: torch.Tensor) -> None:
         """Count on the layer's own device; the per-layer sums join the counters on the profiler's device."""
-        g, last, home = self._group, layer == self.experts.n_layers - 1, self.device
-        scores = self.experts.scores(layer, a, self.mode, self.scorer)
-        if self.rule == "zscore":
-            if self._z is None or self._z.shape[0] != a.shape[0] or self._z.dtype != scores.dtype:
-                self._z = scores.new_empty(a.shape[0], self.experts.n_layers, self.experts.n_experts)
-            self._z[:, layer] = zscores(scores)
-            if last:  # every layer's z is in: pick the globally top fraction across layers
-                active = active_experts(self._z.flatten(1), "topk", self.k).view_as(self._z)
-                self.expert_counts[g] += (active & mask.to(self._z.device)[:, None, None]).sum(0).to(home)
-            if self.neurons:
-                self.neuron_counts[g, layer] += self._positive(a, mask).to(home)
-        else:
-            experts, neurons = self._tally(scores, a, mask, self.rule, self.k, self.threshold, self.neurons)
-            self.expert_counts[g, layer] += experts.to(home)
-            if self.neurons:
-                self.neuron_counts[g, layer] += neurons.to(home)
+        g, L, home = self._group, self.maps[0].n_layers, self.device
+        last = layer == L - 1
+        for i, em in enumerate(self.maps):
+            scores = {m: em.scores(layer, a, m, self.scorer) for m in dict.fromkeys(m for _, m in self.countings)}
+            for rule, mode in self.countings:
+                if rule != "zscore":
+                    counts = self._tally(scores[mode], mask, rule, self.k.get((i, rule), 0), self.threshold)
+                    self.counts[i, rule, mode][g, layer] += counts.to(home)
+                    continue
+                z = self._z.get((i, mode))
+                if z is None or z.shape[0] != a.shape[0] or z.dtype != scores[mode].dtype:
+                    z = self._z[i, mode] = scores[mode].new_empty(a.shape[0], L, em.n_experts)
+                z[:, layer] = zscores(scores[mode])
+                if last:  # every layer's z is in: pick the globally top fraction across layers
+                    active = active_experts(z.flatten(1), "topk", self.k[i, rule]).view_as(z)
+                    self.counts[i, rule, mode][g] += (active & mask.to(z.device)[:, None, None]).sum(0).to(home)
+        if self.neurons:
+            self.neuron_counts[g, layer] += self._magnitude(a, mask, self.neuron_scale).to(home)
         if last:
             self.tokens[g] += mask.sum().to(home)
 
 
-def profile_languages(lm: LoadedModel, experts: ExpertMap, texts: Mapping[str, Sequence[str]], *,
-                      rule: str = "topk", ratio: float = 0.25, threshold: float = 0.0, mode: str = "sum",
-                      batch_tokens: int = 4096, max_length: int = 256, compile: bool = False,
-                      progress: bool = True) -> dict[str, torch.Tensor]:
+def variant_key(rule: str, mode: str, n_experts: int) -> str:
+    """The artefact's tensor name of one counting's split-half counts [2, n, L, E]."""
+    return f"expert_counts_halves:{rule}:{mode}:{n_experts}"
+
+
+def profile_languages(lm: LoadedModel, experts: ExpertMap | Sequence[ExpertMap], texts: Mapping[str, Sequence[str]],
+                      *, rule: str = "topk", ratio: float = 0.25, threshold: float = 0.0, mode: str = "sum",
+                      variants: Sequence[tuple[str, str]] = (), neuron_scale: float = 1.0, batch_tokens: int = 4096,
+                      max_length: int = 256, compile: bool = False, progress: bool = True) -> dict[str, torch.Tensor]:
     """Count expert and neuron activations per language (texts: {code: paragraphs}) in one pass.
 
     Even and odd paragraphs go to separate groups (group = 2 * language + half), so split-half stability
-    comes free. Returns CPU tensors: expert_counts [n, L, E], neuron_counts [n, L, d_ff], tokens [n] (the
-    artefact contract), expert_counts_halves [2, n, L, E] and tokens_halves [2, n].
+    comes free. Returns CPU tensors: expert_counts [n, L, E] (the first map, (rule, mode)), neuron_counts
+    [n, L, d_ff], tokens [n] (the artefact contract), expert_counts_halves [2, n, L, E] and tokens_halves [2, n],
+    and for every other map and (rule, mode) counted, variant_key(rule, mode, E): its halves [2, n, L, E].
     """
     from tqdm.auto import tqdm
 
@@ -239,22 +290,26 @@ def profile_languages(lm: LoadedModel, experts: ExpertMap, texts: Mapping[str, S
                                            max_length=max_length)]
     mine = distributed.shard(jobs)  # under torchrun: this rank's batches; the counters are summed below
     with ExpertProfiler(lm, experts, 2 * n, rule=rule, ratio=ratio, threshold=threshold, mode=mode,
-                        compile=compile) as prof:
+                        variants=variants, neuron_scale=neuron_scale, compile=compile) as prof:
         def work():
             for _, (group, batch) in tqdm(mine, desc=f"{lm.name}: profiling", disable=not progress, leave=False):
                 prof.count(batch, group)
         distributed.together(work)
-    counts = distributed.all_reduce({"experts": prof.expert_counts, "neurons": prof.neuron_counts,
+    keys = {variant_key(r, m, prof.maps[i].n_experts): key for key in prof.counts for i, r, m in [key]}
+    if len(keys) != len(prof.counts):
+        raise BabelError("two expert maps have the same number of experts; count each partition size once")
+    counts = distributed.all_reduce({**{k: prof.counts[v] for k, v in keys.items()}, "neurons": prof.neuron_counts,
                                      "tokens": prof.tokens})
-    halves = counts["experts"].cpu().view(n, 2, *prof.expert_counts.shape[1:]).transpose(0, 1)
     tokens_halves = counts["tokens"].cpu().view(n, 2).T
-    neurons = counts["neurons"].cpu().view(n, 2, *prof.neuron_counts.shape[1:]).sum(1)
     if int(tokens_halves.min()) == 0:
         empty = [codes[i] for i in range(n) if int(tokens_halves[:, i].min()) == 0]
         raise BabelError(f"languages {empty} have no counted token in one split half; give each at least two "
                          "non-empty paragraphs")
-    return {"expert_counts": halves.sum(0), "neuron_counts": neurons, "tokens": tokens_halves.sum(0),
-            "expert_counts_halves": halves.contiguous(), "tokens_halves": tokens_halves.contiguous()}
+    halves = {k: counts[k].cpu().view(n, 2, *counts[k].shape[1:]).transpose(0, 1).contiguous() for k in keys}
+    main = halves.pop(variant_key(rule, mode, prof.maps[0].n_experts))
+    neurons = counts["neurons"].cpu().view(n, 2, *prof.neuron_counts.shape[1:]).sum(1)
+    return {"expert_counts": main.sum(0), "neuron_counts": neurons, "tokens": tokens_halves.sum(0),
+            "expert_counts_halves": main, "tokens_halves": tokens_halves.contiguous(), **halves}
 
 
 def calibration_sample(languages: Sequence[str], paragraphs: int | None, source: TextSource = TextSource()
@@ -273,7 +328,8 @@ def calibration_sample(languages: Sequence[str], paragraphs: int | None, source:
 @dataclass
 class Profile:
     """One model's counts (the "frequencies" artefact: expert_counts [n, L, E], neuron_counts [n, L, d_ff],
-    tokens [n], expert_counts_halves [2, n, L, E], tokens_halves [2, n]), its metadata and file."""
+    tokens [n], expert_counts_halves [2, n, L, E] (the main counting), tokens_halves [2, n], and the halves
+    [2, n, L, E] of every other counting; meta["countings"] names each one's tensor), its metadata and file."""
 
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
@@ -284,31 +340,75 @@ class Profile:
         counts, tokens = self.tensors["expert_counts"], self.tensors["tokens"]
         return {"layers": counts.shape[1], "experts per layer": counts.shape[2], "tokens counted": int(tokens.sum()),
                 "tokens per language (min–max)": f"{int(tokens.min())}–{int(tokens.max())}",
-                "artefact": self.path.name if self.path else None}
+                "countings": len(self.meta["countings"]), "artefact": self.path.name if self.path else None}
 
 
-def profile(store: ArtefactStore | None, lm: LoadedModel, partition: Partition, params: ProfileParams,
-            texts: Mapping[str, Sequence[str]], *, split: str, progress: bool = True) -> Profile:
-    """`profile_languages` of `lm` with `partition`'s experts, saved as (or loaded from) the "frequencies"
-    artefact. The key holds every field of `params`, the code, the model and its fingerprint, the partition's
-    key (a base model's partition when profiling its instruct variant), the languages, the split and the
-    texts' sha256."""
+def partitions(store: ArtefactStore | None, lm: LoadedModel, params: ProfileParams, profile: str, model: str = "",
+               base: LoadedModel | None = None) -> list[Partition]:
+    """The partitions a profile counts: notebook 01's under `profile` (of `base` when profiling its instruct
+    variant), then, with params.expert_neurons, the same method and seed at round(d_ff / expert_neurons)
+    experts (the paper's 43-neuron size; skipped when that is 01's size)."""
+    from babel_lib.babel.conversion import partition, run_partition
+    from babel_lib.core import config
+
+    owner = base or lm
+    main = run_partition(store, owner, profile, model)
+    if params.expert_neurons is None:
+        return [main]
+    n = max(1, round(main.experts.width / params.expert_neurons))
+    if n == main.experts.n_experts:
+        return [main]
+    P1 = config.notebook_params("01_convert", profile, model)
+    return [main, partition(store, owner, main.params.replace(n_experts=n), P1.languages, config.text_source(P1))]
+
+
+def profile(store: ArtefactStore | None, lm: LoadedModel, parts: Partition | Sequence[Partition],
+            params: ProfileParams, texts: Mapping[str, Sequence[str]], *, split: str, progress: bool = True) -> Profile:
+    """`profile_languages` of `lm` with the partitions' experts (the first is the main one), saved as (or loaded
+    from) the "frequencies" artefact. The key holds every field of `params`, the code, the model and its
+    fingerprint, the partitions' keys (a base model's partitions when profiling its instruct variant), the
+    languages, the split and the texts' sha256."""
+    parts = [parts] if isinstance(parts, Partition) else list(parts)
     codes = list(texts)
-    key = params.key(model=lm.name, fingerprint=lm.fingerprint, partition=partition.key, languages=codes,
-                     split=split, texts_sha256=texts_sha256([list(texts[c]) for c in codes]))
+    key = params.key(model=lm.name, fingerprint=lm.fingerprint, partition=parts[0].key,
+                     partitions=[p.key for p in parts[1:]], languages=codes, split=split,
+                     texts_sha256=texts_sha256([list(texts[c]) for c in codes]))
+    countings = [{"rule": r, "mode": m, "n_experts": p.experts.n_experts,
+                  "neurons_per_expert": p.experts.width / p.experts.n_experts,
+                  "tensor": "expert_counts_halves" if (i, r, m) == (0, params.rule, params.mode)
+                  else variant_key(r, m, p.experts.n_experts)}
+                 for i, p in enumerate(parts) for r, m in params.countings()]
     meta = {"model": lm.name, "card": lm.card, "languages": codes, "split": split, **params.as_dict(),
-            "n_experts": partition.experts.n_experts, "partition": partition.params.as_dict(),
-            "neuron_rule": NEURON_RULE}
+            "n_experts": parts[0].experts.n_experts, "partition": parts[0].params.as_dict(),
+            "neuron_rule": neuron_rule(params.neuron_scale), "countings": countings}
 
     def compute():
-        return profile_languages(lm, partition.experts, texts, rule=params.rule, ratio=params.ratio,
-                                 threshold=params.threshold, mode=params.mode, batch_tokens=params.batch_tokens,
+        return profile_languages(lm, [p.experts for p in parts], texts, rule=params.rule, ratio=params.ratio,
+                                 threshold=params.threshold, mode=params.mode, variants=params.variants,
+                                 neuron_scale=params.neuron_scale, batch_tokens=params.batch_tokens,
                                  max_length=params.max_length, compile=params.compile, progress=progress), meta
 
     if store is None:
         return Profile(compute()[0], meta, None)
     tensors, meta = store.cached(params.KIND, key, compute)
     return Profile(tensors, meta, store.paths(params.KIND, key)[0])
+
+
+def token_fragmentation(tokenizer: Any, texts: Mapping[str, Sequence[str]], reference: str = "en") -> dict[str, Any]:
+    """Per language, tokens (no special tokens, no truncation), characters, tokens per character and tokens per
+    `reference`-language token (the first language when `reference` is not among them) over the same parallel
+    paragraphs: how finely the tokenizer cuts each language."""
+    import numpy as np
+
+    reference = reference if reference in texts else next(iter(texts))
+    tokens = {c: sum(len(ids) for ids in tokenizer(list(t), add_special_tokens=False)["input_ids"])
+              for c, t in texts.items()}
+    chars = {c: sum(len(p) for p in t) for c, t in texts.items()}
+    codes = list(texts)
+    return {"languages": codes, "tokens": np.array([tokens[c] for c in codes]),
+            "characters": np.array([chars[c] for c in codes]),
+            "tokens_per_character": np.array([tokens[c] / chars[c] for c in codes]),
+            "ratio_to_reference": np.array([tokens[c] / tokens[reference] for c in codes]), "reference": reference}
 
 
 def save_index(artefacts: str | Path, run: str, profiles: Mapping[str, Profile]) -> Path:

@@ -190,7 +190,6 @@ def profile_run(profile: str, model: str = "") -> list[Path]:
     the batches; writes the "frequencies" artefacts and the run's index the notebook then loads (the same keys).
     Each launcher returns the artefacts it computed or found."""
     from babel_lib.babel import profiler
-    from babel_lib.babel.conversion import run_partition
     from babel_lib.core import config
     from babel_lib.core.models import load_model
 
@@ -200,10 +199,10 @@ def profile_run(profile: str, model: str = "") -> list[Path]:
     profiles = {}
     for name in P.models:
         lm = load_model(name, device, P.dtype)
-        part = run_partition(store, lm, profile, model)
-        profiles[name] = profiler.profile(store, lm, part, params, texts, split="calibration", progress=rank() == 0)
+        parts = profiler.partitions(store, lm, params, profile, model)
+        profiles[name] = profiler.profile(store, lm, parts, params, texts, split="calibration", progress=rank() == 0)
         _say(f"profile {name}: {profiles[name].path} ({world_size()} processes)")
-        del lm, part
+        del lm, parts
     if rank() == 0:
         profiler.save_index(P.artefacts, P.run, profiles)  # what notebooks 02 (explorer) and 05 look models up in
     barrier()  # a `perplexity` run next reads the index on every rank
@@ -232,28 +231,20 @@ def scan_run(profile: str, model: str = "") -> list[Path]:
 
 
 def sparsity_run(profile: str, model: str = "") -> list[Path]:
-    """Notebook 04's CETT / PPL-p% measurements: the Pareto study and the per-language study at its PPL-p% value;
-    writes the "sparsity-pareto" and "sparsity-languages" artefacts the notebook then loads."""
+    """Notebook 04's CETT / PPL-p% measurements (PPL-p% on the full set, its per-language numbers and the Pareto
+    points on the sweep set); writes the "sparsity-pareto" artefact the notebook then loads."""
     from babel_lib.core import config
     from babel_lib.core.models import load_model
-    from babel_lib.sparsing.studies import (
-        EvalParams,
-        LanguageParams,
-        ParetoParams,
-        by_language,
-        pareto,
-    )
+    from babel_lib.sparsing.studies import EvalParams, ParetoParams, pareto
 
     P, device, store = _setup("04_sparsity_scaling", profile, model)
-    evaluation, pareto_params, language_params = (P.typed(c) for c in (EvalParams, ParetoParams, LanguageParams))
+    evaluation, pareto_params = P.typed(EvalParams), P.typed(ParetoParams)
     source = config.text_source(P)
     corpus = source.load(P.languages, "heldout", evaluation.paragraphs)
     heldout = {lang: corpus[lang] for lang in P.languages}
     for name in P.models:
         lm = load_model(name, device, P.dtype)
         found = pareto(store, lm, pareto_params, evaluation, heldout, source.identity)
-        by_language(store, lm, language_params, evaluation, heldout, source.identity, cett=found.cett,
-                    target=1 + pareto_params.p / 100)
         _say(f"sparsity {name}: PPL-{pareto_params.p:g}% at c = {found.cett:.4f} ({world_size()} processes)")
         del lm
     return store.used

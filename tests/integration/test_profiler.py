@@ -18,7 +18,7 @@ from babel_lib.errors import BabelError
 from babel_lib.core.ffn import ffn_layers
 from babel_lib.babel.moe import ExpertMap
 from babel_lib.babel.conversion import PartitionParams, partition
-from babel_lib.babel.profiler import ExpertProfiler, ProfileParams, profile, profile_languages
+from babel_lib.babel.profiler import ExpertProfiler, ProfileParams, profile, profile_languages, variant_key
 
 N_EXPERTS = 8
 
@@ -42,10 +42,12 @@ def reference_activations(lm, batch) -> list[torch.Tensor]:
     return [f.activation(inputs[f.index]).reshape(-1, f.width) for f in layers]
 
 
-def brute_force(acts, labels, mask, rule, mode, k, threshold):
-    """Expert and neuron counts, one token at a time, in Python float64 arithmetic."""
+def brute_force(acts, labels, mask, rule, mode, k, threshold, n_experts=N_EXPERTS, scale=1.0):
+    """Expert and neuron counts, one token at a time, in Python float64 arithmetic. A neuron is active when
+    |a_i| > scale x sqrt(mean of a^2 over the token's layer)."""
     f = {"sum": lambda v: v, "abs": abs, "pos": lambda v: max(v, 0.0)}[mode]
     n_layers, width = len(labels), len(labels[0])
+    N_EXPERTS = n_experts
     experts = [[0] * N_EXPERTS for _ in range(n_layers)]
     neurons = [[0] * width for _ in range(n_layers)]
     tokens = 0
@@ -57,9 +59,10 @@ def brute_force(acts, labels, mask, rule, mode, k, threshold):
         for layer in range(n_layers):
             a = acts[layer][t].tolist()
             s = [0.0] * N_EXPERTS
+            rms = math.sqrt(sum(v * v for v in a) / width)
             for i in range(width):
                 s[labels[layer][i]] += f(a[i])
-                neurons[layer][i] += a[i] > 0
+                neurons[layer][i] += abs(a[i]) > scale * rms
             scores.append(s)
         if rule == "zscore":
             z = []
@@ -107,6 +110,34 @@ def test_counts_equal_a_float64_brute_force_reference(setup, rule, mode, scorer)
         assert (prof.expert_counts[1].sum(1) >= k * ref_tokens).all()
     if rule == "zscore":
         assert int(prof.expert_counts[1].sum()) >= k * ref_tokens
+
+
+def test_several_maps_and_countings_from_one_forward_equal_brute_force(setup):
+    """One pass with two partitions (8 and 3 experts) and four (rule, mode) countings counts, for each, exactly
+    what the float64 reference counts for it alone; neurons under a magnitude scale of 0.5."""
+    lm, experts = setup
+    coarse = partition_model(lm, 3, "random", seed=5)
+    batch = pad(encode(lm.tokenizer, TEXTS), lm.tokenizer)
+    acts = reference_activations(lm, batch)
+    mask = batch.count_mask.reshape(-1).tolist()
+    variants = [("zscore", "sum"), ("topk", "abs"), ("zscore", "abs")]
+    ratio = 0.4
+    with ExpertProfiler(lm, [experts, coarse], rule="topk", mode="sum", ratio=ratio, variants=variants,
+                        neuron_scale=0.5) as prof:
+        prof.count(batch, 0)
+    assert set(prof.counts) == {(i, r, m) for i in (0, 1) for r, m in [("topk", "sum"), *variants]}
+    assert prof.expert_counts is prof.counts[0, "topk", "sum"]
+    for (i, rule, mode), counts in prof.counts.items():
+        em = (experts, coarse)[i]
+        k = round(ratio * em.n_experts * (em.n_layers if rule == "zscore" else 1))
+        ref, ref_neurons, _ = brute_force(acts, em.labels.tolist(), mask, rule, mode, k, 0.0, em.n_experts, 0.5)
+        assert torch.equal(counts[0], ref), (i, rule, mode)
+    assert torch.equal(prof.neuron_counts[0], ref_neurons)
+    # the magnitude rule is no coin flip: at scale 0.5 most neurons pass on a token, at 2 few do
+    tokens = int(prof.tokens[0])
+    with ExpertProfiler(lm, experts, neuron_scale=2.0) as strict:
+        strict.count(batch, 0)
+    assert float(strict.neuron_counts.sum()) < 0.5 * float(prof.neuron_counts.sum()) <= tokens * 48 * 3
 
 
 @pytest.mark.parametrize("rule", ["topk", "threshold", "zscore"])
@@ -169,6 +200,10 @@ def test_bad_arguments_raise_one_line_errors(setup):
         ExpertProfiler(lm, experts, scorer="gather")
     with pytest.raises(BabelError, match="unknown score mode"):
         ExpertProfiler(lm, experts, mode="max")
+    with pytest.raises(BabelError, match="unknown activation rule 'top'"):
+        ExpertProfiler(lm, experts, variants=[("top", "sum")])
+    with pytest.raises(BabelError, match="same layers and width"):
+        ExpertProfiler(lm, [experts, ExpertMap(experts.labels[:2], N_EXPERTS)])
     with pytest.raises(BabelError, match="ratio=0.01 selects 0 of 8"):
         ExpertProfiler(lm, experts, ratio=0.01)
     with pytest.raises(BabelError, match="another model"):
@@ -212,12 +247,23 @@ def test_frequency_artefact_follows_the_contract(tiny, tmp_path):
     tensors, meta, path = result.tensors, result.meta, result.path
     assert path.exists() and path.suffix == ".safetensors"
     shapes = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    halves = (torch.int64, (2, 2, 3, N_EXPERTS))
     assert shapes == {"expert_counts": (torch.int64, (2, 3, N_EXPERTS)), "neuron_counts": (torch.int64, (2, 3, 48)),
-                      "tokens": (torch.int64, (2,)), "expert_counts_halves": (torch.int64, (2, 2, 3, N_EXPERTS)),
-                      "tokens_halves": (torch.int64, (2, 2))}
+                      "tokens": (torch.int64, (2,)), "expert_counts_halves": halves,
+                      "tokens_halves": (torch.int64, (2, 2)), **{variant_key(r, m, N_EXPERTS): halves
+                                                                 for r, m in params.countings()[1:]}}
+    assert [c["tensor"] for c in meta["countings"]] == ["expert_counts_halves"] + [
+        variant_key(r, m, N_EXPERTS) for r, m in params.countings()[1:]]
     for key, value in {"languages": ["en", "de"], "model": lm.name, "card": lm.card, "rule": "topk", "ratio": 0.5,
-                       "mode": "sum", "n_experts": N_EXPERTS, "neuron_rule": "a > 0"}.items():
+                       "mode": "sum", "n_experts": N_EXPERTS,
+                       "neuron_rule": "|a_i| > 1 x RMS of the token's a over the layer's neurons"}.items():
         assert meta[key] == value
+    assert [(c["rule"], c["mode"], c["n_experts"]) for c in meta["countings"]] == [
+        ("topk", "sum", 8), ("zscore", "sum", 8), ("topk", "abs", 8), ("zscore", "abs", 8)]
+    coarse = partition(store, lm, PartitionParams(n_experts=2, method="random", seed=3))
+    both = profile(store, lm, [part, coarse], params, texts, split="calibration", progress=False)
+    assert both.path != path and both.tensors[variant_key("zscore", "abs", 2)].shape == (2, 2, 3, 2)
+    assert torch.equal(both.tensors["expert_counts"], tensors["expert_counts"])
     again = profile(store, lm, part, params, texts, split="calibration", progress=False)
     assert again.path == path and all(torch.equal(again.tensors[k], tensors[k]) for k in tensors)
     others = [profile(store, lm, part, params, {"en": TEXTS[:2], "de": TEXTS[1:]}, split="calibration"),
@@ -240,3 +286,14 @@ def test_instruction_tuning_path_on_two_tiny_models(tiny):
     assert same["mean_abs_difference"] == 0.0 and same["shared_jaccard"] == 1.0
     assert diff["mean_abs_difference"] > 0 and (diff["layer_correlation"] < 1).all()
     assert diff["layer_correlation"].shape == (3,)
+
+
+def test_token_fragmentation_counts_text_tokens_only(tiny):
+    """The tiny byte tokenizer: one token per UTF-8 byte, so Greek letters (2 bytes) take twice the tokens."""
+    from babel_lib.babel.profiler import token_fragmentation
+
+    lm = tiny("llama")
+    f = token_fragmentation(lm.tokenizer, {"en": ["abc", "de"], "el": ["αβγ", "δε"]})
+    assert f["tokens"].tolist() == [5, 10] and f["characters"].tolist() == [5, 5]
+    assert f["ratio_to_reference"].tolist() == [1.0, 2.0] and f["tokens_per_character"].tolist() == [1.0, 2.0]
+    assert token_fragmentation(lm.tokenizer, {"el": ["αβγ"]})["reference"] == "el"  # no English: the first

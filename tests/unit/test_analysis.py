@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from babel_lib.babel.analysis import (adjusted_rand, beyond_noise, cluster, cluster_agreement, compare_variants,
-                                cross_model_findings, dendrogram, depth_peak, expert_ids, expert_order,
-                                family_agreement, frequencies, high_counts, mantel, off_diagonal_correlation,
-                                pairwise_beyond_noise, reorder, shared_experts, similarity, spearman_brown,
-                                specific_experts, split_half_correlation, standard_error, summarize)
+from babel_lib.babel.analysis import (AnalysisParams, adjusted_rand, beyond_noise, cluster, cluster_agreement,
+                                compare_variants, cross_model_findings, dendrogram, depth_peak, expert_ids,
+                                expert_order, family_agreement, fragmentation_findings, frequencies, high_counts, layer_budget, mantel,
+                                off_diagonal_correlation, pairwise_beyond_noise, paper_thresholds, partial_mantel,
+                                reorder, rule_sensitivity, same_group, script_control, script_findings,
+                                shared_experts, similarity, spearman_brown, specific_experts, split_half_correlation,
+                                standard_error, summarize, tau_fractions, within_group_agreement)
 from babel_lib.errors import BabelError
 
 # 3 languages x 2 layers x 4 experts
@@ -110,6 +112,9 @@ def test_clustering_dendrogram_and_adjusted_rand():
     # sklearn's documented example: ARI([0, 0, 1, 1], [0, 0, 1, 2]) = 0.5714...
     assert adjusted_rand([0, 0, 1, 1], [0, 0, 1, 2]) == pytest.approx(4 / 7)
     assert adjusted_rand([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
+    # by hand: contingency [[2, 1, 0], [0, 1, 2]]; sum C(n_ij, 2) = 2, rows 2 C(3, 2) = 6, columns 3 C(2, 2) = 3,
+    # C(6, 2) = 15: expected 6 * 3 / 15 = 1.2, max (6 + 3) / 2 = 4.5, ARI = (2 - 1.2) / (4.5 - 1.2) = 8 / 33
+    assert adjusted_rand(list("aaabbb"), [0, 0, 1, 1, 2, 2]) == pytest.approx(8 / 33)
 
 
 def test_matrix_correlation_and_mantel_test():
@@ -120,6 +125,95 @@ def test_matrix_correlation_and_mantel_test():
     noise = rng.random((5, 5))
     noise = (noise + noise.T) / 2
     assert mantel(SIM, noise, n_permutations=500)["p_value"] > 0.05
+
+
+def _pearson(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return sxy / (sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y)) ** 0.5
+
+
+def _brute_partial_mantel(a, b, c):
+    """Exact partial Mantel test over all n! orders of a's items, with the closed-form partial correlation."""
+    import itertools
+
+    n = len(a)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+    def partial(p):
+        x = [a[p[i]][p[j]] for i, j in pairs]
+        y, z = [b[i][j] for i, j in pairs], [c[i][j] for i, j in pairs]
+        rxy, rxz, ryz = _pearson(x, y), _pearson(x, z), _pearson(y, z)
+        return (rxy - rxz * ryz) / ((1 - rxz ** 2) * (1 - ryz ** 2)) ** 0.5
+
+    observed = partial(list(range(n)))
+    null = [partial(p) for p in itertools.permutations(range(n))]
+    return observed, sum(v >= observed - 1e-12 for v in null) / len(null)
+
+
+def _symmetric(rng, n):
+    m = rng.random((n, n))
+    return (m + m.T) / 2
+
+
+def test_partial_mantel_equals_an_exhaustive_permutation_test():
+    rng = np.random.default_rng(7)
+    a, c = _symmetric(rng, 5), _symmetric(rng, 5)
+    b = 0.3 * a + 0.8 * c + 0.5 * _symmetric(rng, 5)  # weakly related to a beyond what c explains
+    r, exact = _brute_partial_mantel(a.tolist(), b.tolist(), c.tolist())
+    assert 0.02 < exact < 0.5  # a p-value that the test can miss in both directions
+    n = 40000
+    result = partial_mantel(a, b, [c], n_permutations=n, seed=3)
+    assert result["r"] == pytest.approx(r, abs=1e-12)
+    assert abs(result["p_value"] - exact) < 4 * (exact * (1 - exact) / n) ** 0.5 + 1 / n
+    # without controls it is the Mantel test's correlation; two controls regress both on both
+    assert partial_mantel(a, b, [], n_permutations=10)["r"] == pytest.approx(off_diagonal_correlation(a, b))
+    d = _symmetric(rng, 5)
+    i, j = np.triu_indices(5, 1)
+    x = np.column_stack([np.ones(10), c[i, j], d[i, j]])
+    res = [v - x @ np.linalg.lstsq(x, v, rcond=None)[0] for v in (a[i, j], b[i, j])]
+    assert partial_mantel(a, b, [c, d], n_permutations=10)["r"] == pytest.approx(
+        res[0] @ res[1] / np.linalg.norm(res[0]) / np.linalg.norm(res[1]))
+    with pytest.raises(BabelError, match="fully explained by the controls"):
+        partial_mantel(a, c, [c])
+
+
+def test_family_held_within_one_script_and_script_control():
+    scripts = ["L", "L", "L", "C", "L"]
+    within = within_group_agreement(SIM, ["X", "X", "Y", "Y", "Y"], scripts, n_permutations=2000)
+    assert within["group"] == "L" and within["members"] == [0, 1, 2, 4]
+    # among a, b, c, e: within pairs ab 0.9 and ce 0.1; across ac 0.8, ae 0.2, bc 0.85, be 0.1
+    assert within["gap"] == pytest.approx(0.5 - np.mean([0.8, 0.2, 0.85, 0.1]))
+    assert within_group_agreement(SIM, FAMILIES, ["L", "C", "G", "H", "K"]) is None
+    groups = {"family": FAMILIES, "script": scripts}
+    control = script_control(SIM, groups, [1.0, 1.1, 0.9, 3.0, 2.5], cluster(SIM), n_permutations=500)
+    assert control["ari_family"] == 1.0 and control["family"]["r"] > 0.9
+    assert control["family | script"]["r"] > 0.5 and control["within_script"]["members"] == [0, 1, 2, 4]
+    assert same_group(FAMILIES)[0].tolist() == [1, 1, 1, 0, 0]
+    frag = {"m": {"languages": ["en", "el", "ja"], "ratio_to_reference": np.array([1.0, 4.7, 2.0]),
+                  "reference": "en"}}
+    assert fragmentation_findings(frag) == ["m: the same paragraphs take 1.00× (en) to 4.70× (el) the tokens of en; "
+                                            "the median language needs 2.00×."]
+    # every family with its own script: the partial tests cannot separate them and say so
+    alone = script_control(SIM, {"family": FAMILIES, "script": FAMILIES}, [1, 2, 3, 4, 5], cluster(SIM), n_permutations=50)
+    assert alone["family | script"] is None
+    assert "not testable" in script_findings("m", alone)[0]
+    assert script_findings("m", alone)[0].startswith("m: the family effect cannot be told from a script effect")
+    assert script_findings("m", control, alpha=1.0)[0].startswith("m: the family effect survives holding script")
+
+
+def test_tau_grid_fractions_and_paper_thresholds_by_hand():
+    # per expert, min / max over languages: layer 0 [.8 .1 .05 0] / [.9 .8 .1 .6]; layer 1 [.6 .1 0 0] / [.9 .1 .9 .2]
+    fractions = tau_fractions(FREQ, [0.5, 0.05], low_ratio=0.4, max_specific=1)
+    # tau .5: shared (0,0) (1,0); specific (0,1) (1,2) (0,3) (see test_high_shared_and_specific_experts);
+    # dormant (0,2) (1,1) (1,3). tau .05: shared five; specific (0,3) and (1,2) only (high in one, < .02 in
+    # the rest); dormant none
+    np.testing.assert_allclose(fractions, [[2 / 8, 3 / 8, 3 / 8], [5 / 8, 2 / 8, 0]])
+    # 50% shared (4 experts with min >= tau) up to tau 0.1; 25% dormant (2 with max <= v) at v = 0.1
+    assert paper_thresholds(FREQ, shared=0.5, dormant=0.25) == (0.1, 0.1)
+    assert tau_fractions(FREQ, [0.1], 0.4, 1)[0, 0] == 0.5 and tau_fractions(FREQ, [0.1001], 0.4, 1)[0, 2] == 0.25
+    # layer means 4.45 / 12 and 3.7 / 12 over their mean 4.075 / 12
+    np.testing.assert_allclose(layer_budget(FREQ), [4.45 / 4.075, 3.7 / 4.075])
 
 
 def test_split_half_and_design_effect_standard_error():
@@ -221,14 +315,47 @@ def test_summary_findings_state_the_counts():
     assert len(s.findings()) == 6
 
 
+def _small_rules():
+    """A "frequencies" artefact with the main counting (topk, 4 experts of 2 neurons) and a z-score one (2 experts
+    of 4 neurons) whose frequencies are the same in every language: [.45 0] in layer 0, [.5 .005] in layer 1."""
+    main = _small_summary().halves * 100
+    paper = np.broadcast_to(np.array([[0.45, 0.0], [0.5, 0.005]]) * 100, (2, 3, 2, 2)).copy()
+    tensors = {"expert_counts_halves": main, "x": paper, "tokens_halves": np.full((2, 3), 100),
+               "neuron_counts": np.full((3, 2, 8), 50), "tokens": np.full(3, 200)}
+    meta = {"countings": [{"rule": "topk", "mode": "sum", "n_experts": 4, "neurons_per_expert": 2.0,
+                           "tensor": "expert_counts_halves"},
+                          {"rule": "zscore", "mode": "sum", "n_experts": 2, "neurons_per_expert": 4.0, "tensor": "x"}],
+            "neuron_scale": 1.0}
+    return rule_sensitivity(tensors, meta, AnalysisParams(tau_high=0.4, tau_low=0.2, tau_grid=(0.004, 0.4)))
+
+
+def test_rule_sensitivity_compares_every_counting():
+    rules = _small_rules()
+    assert rules.paper == "zscore · sum · 2 × 4" and rules.main == "topk · sum · 4 × 2"
+    assert list(rules.table.index) == [rules.main, rules.paper, "neurons · |a| > 1 RMS · 8 × 1"]
+    paper = rules.table.loc[rules.paper]
+    assert paper["shared"] == 0.5 and paper["dormant"] == 0.5 and paper["shared s.e."] == 0
+    assert rules.table.loc[rules.main, "shared"] == 0.25  # as in the summary: 2 of 8
+    assert rules.table.loc[rules.main, "shared s.e."] == 0  # the two halves shift one expert by ± .02 both
+    neurons = rules.table.loc["neurons · |a| > 1 RMS · 8 × 1"]
+    assert neurons["shared"] == 0 and neurons["τ for 50% shared"] == 0.25 and np.isnan(neurons["shared s.e."])  # f = .25, no halves
+    np.testing.assert_allclose(rules.curves[rules.paper][:, 0], [0.75, 0.5])  # shared at tau .004 and .4
+
+
 def test_verdicts_apply_their_rules():
     from babel_lib.babel.analysis import verdicts
 
     s = _small_summary()
-    table = {v.claim: v for v in verdicts({"m": s}, alpha=0.05)}
+    control = script_control(s.similarity, s.groups, [1.0, 1.3, 2.0], s.linkage, n_permutations=50)
+    table = {v.claim: v for v in verdicts({"m": s}, {"m": _small_rules()}, {"m": control}, alpha=0.05)}
     half = table["About half of the experts are highly activated in every language"]
-    assert half.verdict == "partly" and half.ours.startswith("m: 25.0% ± 0.0%")  # 25% is in [25%, 75%], not [40, 60]
+    # the paper's counting: 50% shared, in [40%, 60%]; the main counting's 25% is reported beside it
+    assert half.verdict == "reproduced" and half.ours.startswith("m: 50.0% ± 0.0% (zscore · sum · 2 × 4")
+    assert "25.0% (topk · sum · 4 × 2)" in half.ours
     rare = table["Many experts are rarely activated in any language"]
-    assert rare.verdict == "reproduced" and "25.0%" in rare.ours  # 25% > 1000/8192 = 12.2%
+    assert rare.verdict == "reproduced" and rare.ours.startswith("m: 50.0% ± 0.0%")  # > 1000/8192 = 12.2%
+    family = table["Related languages (one family) have more similar activation patterns"]
+    # family and script coincide in en, de, ja: the script-held test cannot run, so no reproduction
+    assert family.verdict == "not reproduced" and "not testable" in family.ours
     tuning = table["Instruction tuning changes the activation patterns"]
     assert tuning.verdict == "not attempted" and "instruct_pairs" in tuning.rule

@@ -100,6 +100,10 @@ def test_bad_values_are_one_line_errors():
         ProfileParams.from_mapping({"rul": "zscore"}, "x.yaml")
     assert ProfileParams(paragraphs=None).paragraphs is None
     assert ProfileParams(ratio=1).ratio == 1.0 and isinstance(ProfileParams(ratio=1).ratio, float)
+    with pytest.raises(BabelError, match=r"^x.yaml: ProfileParams.variants: \[zscor, sum\] is not a \[rule, mode\] pair; rules: "):
+        ProfileParams.from_mapping({"variants": [["zscor", "sum"]]}, "x.yaml")
+    assert ProfileParams(variants=(("topk", "sum"), ("zscore", "abs"))).countings() == [("topk", "sum"),
+                                                                                        ("zscore", "abs")]
 
 
 def test_a_section_splits_over_its_classes():
