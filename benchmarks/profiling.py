@@ -6,7 +6,10 @@ Quick check of that code path:      python benchmarks/profiling.py --device cpu 
 Where the time goes (CUDA):          ... --trace --ops --out DIR   (kernel times per variant against the bare
                                      forward; each step of one layer's counting timed alone)
 The LLaMA shapes are built from a config with random weights (bf16 on CUDA; no download); batches are random
-token ids, 8 x 1024 for llama2-7b. Experts come from a random partition (the cost does not depend on it).
+token ids, 8 x 1024 for llama2-7b. Experts come from a random partition (the cost does not depend on it); the
+notebook 02 rows also count a second random partition of about 43 neurons per expert (the paper's size).
+Neurons count by the profiler's rule (|a_i| > neuron_scale x the token's RMS of a) in every row, "before" and
+candidate rows included, so that their counts can be checked against the default's.
 Variants are timed in interleaved rounds (warm-up first; CUDA: wall clock with synchronisation; CPU: process
 CPU time), the median is reported. Writes the markdown table to stdout and to
 benchmarks/results/profile-<device>.md (the check shape to profile-<device>-llama-small.md).
@@ -25,7 +28,7 @@ from babel_lib.core.ffn import ffn_layers
 from babel_lib.core.models import run_decoder
 from babel_lib.babel.moe import ExpertMap, kth_largest
 from babel_lib.babel.partition import partition_labels
-from babel_lib.babel.profiler import ExpertProfiler, positive_counts, tally
+from babel_lib.babel.profiler import ExpertProfiler, magnitude_counts, tally
 from benchmarks.common import kernel_times, machine_name, trace_summary, write_table
 
 LLAMA = {  # LlamaConfig keywords, and the batch to time
@@ -36,9 +39,14 @@ LLAMA = {  # LlamaConfig keywords, and the batch to time
 }
 
 
+VARIANTS = (("zscore", "sum"), ("topk", "abs"), ("zscore", "abs"))  # notebook 02's default beside topk/sum
+PAPER_NEURONS = 43  # the second expert size counted by notebook 02's default (neurons per expert)
+
+
 def variants(device: torch.device) -> dict[str, dict]:
-    """Profiler settings to time, by row label (None = the bare forward). On CUDA, "before" rows count as the
-    profiler did before 2026-11-30 (the k-th largest score by topk), "candidate" rows try other kernels."""
+    """Profiler settings to time, by row label (None = the bare forward; "coarse": also count the ~43-neuron
+    map). On CUDA, "before" rows select experts as the profiler did before 2026-11-30 (the k-th largest score
+    by topk), "candidate" rows try other kernels."""
     rows = {
         "bare decoder forward (no LM head)": None,
         "topk 25%, sum, experts only": {"neurons": False},
@@ -46,6 +54,7 @@ def variants(device: torch.device) -> dict[str, dict]:
         "zscore 25%, sum, experts + neurons": {"rule": "zscore"},
         "threshold > 0, sum, experts + neurons": {"rule": "threshold"},
         "topk 25%, abs, experts + neurons": {"mode": "abs"},
+        "notebook 02 default: 4 (rule, mode) x 2 expert sizes + neurons": {"variants": VARIANTS, "coarse": True},
         "topk 25%, sum, experts + neurons, one-hot matmul scores": {"scorer": "matmul"},
     }
     if device.type != "cuda":
@@ -61,38 +70,45 @@ def variants(device: torch.device) -> dict[str, dict]:
     rows["candidate: experts + neurons, compiled, k-th by rank count"] = {"compile": True, "kth": "rank"}
     rows["candidate: experts + neurons, compiled max-autotune-no-cudagraphs"] = {
         "compile": "max-autotune-no-cudagraphs"}
-    rows["candidate: experts + neurons, one Triton pass over a (scores + neuron counts), compiled sort"] = {
+    rows["candidate: experts + neurons, one Triton kernel over a (scores + neuron counts), compiled sort"] = {
         "fused": True}
     rows["threshold > 0, sum, experts + neurons, compiled counting"] = {"rule": "threshold", "compile": True}
+    rows["notebook 02 default, compiled counting"] = {"variants": VARIANTS, "coarse": True, "compile": True}
     return rows
 
 
-def topk_tally(scores, a, mask, rule, k, threshold, neurons):
-    """`tally` as it was before 2026-11-30 (rule topk): the k-th largest score by topk's radix selection."""
-    experts = ((scores >= kth_largest(scores, k, by_sort=False)) & mask[:, None]).sum(0)
-    return experts, positive_counts(a, mask) if neurons else None
+def topk_tally(scores, mask, rule, k, threshold):
+    """`tally` as it selected before 2026-11-30 (rule topk): the k-th largest score by topk's radix selection on
+    every device (now a sort on CUDA); rule threshold as the library's."""
+    if rule != "topk":
+        return tally(scores, mask, rule, k, threshold)
+    return ((scores >= kth_largest(scores, k, by_sort=False)) & mask[:, None]).sum(0)
 
 
-def rank_tally(scores, a, mask, rule, k, threshold, neurons):
+def rank_tally(scores, mask, rule, k, threshold):
     """A candidate `tally` (rule topk, compiled only): an expert is active when fewer than k scores of its token
     are strictly greater (the same set as score >= the k-th largest); compiled, the [N, E, E] comparison is
     fused into one reduction and never stored."""
+    if rule != "topk":
+        return tally(scores, mask, rule, k, threshold)
     greater = (scores[:, None, :] > scores[:, :, None]).sum(-1)
-    experts = ((greater < k) & mask[:, None]).sum(0)
-    return experts, positive_counts(a, mask) if neurons else None
+    return ((greater < k) & mask[:, None]).sum(0)
 
 
 class Variant(ExpertProfiler):
-    """ExpertProfiler whose per-layer counting is an earlier version or a candidate (benchmark only):
-    kth "topk" (before) or "rank" (candidate); compile True or a torch.compile mode."""
+    """ExpertProfiler whose per-layer expert selection (`_tally`, rules topk and threshold; zscore is unchanged)
+    is an earlier version or a candidate (benchmark only): kth "topk" (before) or "rank" (candidate); compile
+    True or a torch.compile mode (for the expert selection and the neuron count). Neurons count by the
+    library's magnitude rule in every variant."""
 
     def __init__(self, model, experts, *, kth: str = "", compile: bool | str = False, **settings):
         super().__init__(model, experts, compile=bool(compile), **settings)
         fn = {"": tally, "topk": topk_tally, "rank": rank_tally}[kth]
-        if compile:
-            self._tally = torch.compile(fn, **({"mode": compile} if isinstance(compile, str) else {}))
+        if isinstance(compile, str):
+            self._tally = torch.compile(fn, mode=compile)
+            self._magnitude = torch.compile(magnitude_counts, mode=compile)
         else:
-            self._tally = fn
+            self._tally = torch.compile(fn) if compile else fn
 
 
 def llama_model(shape: str, device: torch.device):
@@ -151,7 +167,7 @@ def run_variant(model, profilers: dict, label: str, batches) -> None:
 
 
 def random_experts(model, n_experts: int) -> ExpertMap:
-    """A random balanced partition of every layer (the cost does not depend on the partition)."""
+    """A random balanced partition of every layer into n_experts (the cost does not depend on the partition)."""
     layers = ffn_layers(model)
     return ExpertMap(torch.stack([partition_labels(f.cluster_rows(), n_experts, "random", seed=f.index).cpu()
                                   for f in layers]), n_experts)
@@ -161,6 +177,9 @@ def random_experts(model, n_experts: int) -> ExpertMap:
 def measure(model, batches, device, experts: ExpertMap, labels: list[str], warmup: int, runs: int):
     """Median seconds per pass over `batches` for every variant, and the profilers (for count checks)."""
     settings = variants(device)
+    coarse = None  # the ~43-neuron map of notebook 02's default rows, made when one of them runs
+    if any((settings[label] or {}).get("coarse") for label in labels):
+        coarse = random_experts(model, max(1, round(experts.width / PAPER_NEURONS)))
     profilers, failed = {}, {}  # a variant that cannot run here (no compiler, no Triton) is reported
     for label in labels:
         setting = dict(settings[label] or {})
@@ -170,7 +189,8 @@ def measure(model, batches, device, experts: ExpertMap, labels: list[str], warmu
 
                 profilers[label] = FusedProfiler(model, experts, compile=True, **setting)
             elif settings[label] is not None:
-                profilers[label] = Variant(model, experts, **setting)
+                maps = [experts, coarse] if setting.pop("coarse", False) else experts
+                profilers[label] = Variant(model, maps, **setting)
         except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others
             failed[label] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     seconds = {label: [] for label in labels if label not in failed}
@@ -232,7 +252,7 @@ def op_times(model, experts: ExpertMap, batch: Batch, bare_layer_s: float, ratio
     kth = kth_largest(scores, k, by_sort=True)
     counters = torch.zeros(2, experts.n_experts + a.shape[1], dtype=torch.long, device=a.device)
     compiled = {name: torch.compile(fn) for name, fn in (("now", tally), ("before", topk_tally), ("rank", rank_tally),
-                                                         ("neurons", positive_counts))}
+                                                         ("neurons", magnitude_counts))}
     steps = {
         "one read of a (sum to fp32): the floor of a pass over a": lambda: a.sum(dtype=torch.float32),
         "scores: mm with the one-hot, fp32 out (ExpertMap.scores)": lambda: experts.scores(0, a),
@@ -241,23 +261,23 @@ def op_times(model, experts: ExpertMap, batch: Batch, bare_layer_s: float, ratio
         "k-th largest by topk + amin (before)": lambda: kth_largest(scores, k, by_sort=False),
         "k-th largest by sort (now)": lambda: kth_largest(scores, k, by_sort=True),
         "activated set, masked column sum (eager)": lambda: ((scores >= kth) & mask[:, None]).sum(0),
-        "neuron count (eager)": lambda: positive_counts(a, mask),
-        "neuron count (compiled)": lambda: compiled["neurons"](a, mask),
-        "tally, compiled (now: sort k-th)": lambda: compiled["now"](scores, a, mask, "topk", k, 0.0, True),
-        "tally, compiled (before: topk k-th)": lambda: compiled["before"](scores, a, mask, "topk", k, 0.0, True),
-        "tally, compiled (candidate: rank count)": lambda: compiled["rank"](scores, a, mask, "topk", k, 0.0, True),
+        "neuron count, |a| > RMS (eager)": lambda: magnitude_counts(a, mask),
+        "neuron count, |a| > RMS (compiled)": lambda: compiled["neurons"](a, mask),
+        "expert tally, compiled (now: sort k-th)": lambda: compiled["now"](scores, mask, "topk", k, 0.0),
+        "expert tally, compiled (before: topk k-th)": lambda: compiled["before"](scores, mask, "topk", k, 0.0),
+        "expert tally, compiled (candidate: rank count)": lambda: compiled["rank"](scores, mask, "topk", k, 0.0),
         "two counter updates (+= into int64 rows)": lambda: (counters[0].add_(counters[1]), counters[1].add_(1)),
     }
     try:
-        from benchmarks.fused import scores_and_positives
+        from benchmarks.fused import scores_and_active_counts
 
         labels = experts.layer_labels(0, a.device)
         for bm, bk, warps, stages in ((64, 32, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 8, 5), (128, 32, 8, 3)):
-            steps[f"candidate: one Triton pass, scores + neuron counts (BM {bm}, BK {bk}, {warps} warps, "
-                  f"{stages} stages)"] = partial(scores_and_positives, a, labels, mask, experts.n_experts, bm, bk,
-                                                 warps, stages)
+            steps[f"candidate: one Triton kernel, scores + neuron counts (BM {bm}, BK {bk}, {warps} warps, "
+                  f"{stages} stages)"] = partial(scores_and_active_counts, a, labels, mask, experts.n_experts, 1.0,
+                                                 bm, bk, warps, stages)
     except ImportError as err:
-        steps[f"candidate: one Triton pass (not run: {err})"] = None
+        steps[f"candidate: one Triton kernel (not run: {err})"] = None
     bare = 1e6 * bare_layer_s
     lines = [(f"### One layer's counting, step by step ({a.shape[0]} tokens x d_ff {a.shape[1]}, "
               f"{experts.n_experts} experts, k = {k}; bare forward {bare:,.0f} µs per layer)"), "",
@@ -282,9 +302,18 @@ def table(name: str, medians: dict[str, float], tokens: int, shape: str) -> list
     return lines
 
 
+def counting_keys(p: ExpertProfiler) -> dict[tuple[int, str, str], tuple[int, str, str]]:
+    """{(experts of the map, rule, mode): the profiler's key in p.counts} (maps of different profilers compare
+    by their size: every row uses the same random maps)."""
+    return {(p.maps[i].n_experts, r, m): (i, r, m) for i, r, m in p.counts}
+
+
 def checks(profilers: dict, tokens: int, passes: int) -> list[str]:
     """Sanity lines: every profiler counted every token once per pass, and variants of one rule, score mode,
-    scorer and neuron setting (eager, compiled, before, candidates) counted exactly the same."""
+    scorer and neuron setting (eager, compiled, before, candidates, notebook 02's several countings) counted
+    exactly the same: every counting two profilers share (same map size, rule and mode) and the neuron counts.
+    A profiler is checked against an earlier one of its group with the same countings when there is one (the
+    compiled notebook 02 row against the eager one), else against the group's first (the default)."""
     lines = []
     counted = {label: int(p.tokens.sum()) for label, p in profilers.items()}
     lines.append(f"- every profiler counted {tokens} tokens x {passes} passes: "
@@ -293,14 +322,21 @@ def checks(profilers: dict, tokens: int, passes: int) -> list[str]:
     for label, p in profilers.items():
         groups.setdefault((p.rule, p.mode, p.scorer, p.neurons), []).append(label)
     for labels in groups.values():
-        first = profilers[labels[0]]
-        for label in labels[1:]:
+        for n, label in enumerate(labels[1:], 1):
             p = profilers[label]
-            same = torch.equal(p.expert_counts, first.expert_counts) and torch.equal(p.neuron_counts,
-                                                                                      first.neuron_counts)
-            moved = int((p.expert_counts - first.expert_counts).abs().sum())
-            lines.append(f"- {label}: counts equal those of {labels[0]!r}: {same} ({moved} of "
-                         f"{int(first.expert_counts.sum())} expert activations differ)")
+            mine = counting_keys(p)
+            ref = next((other for other in labels[:n] if counting_keys(profilers[other]).keys() == mine.keys()),
+                       labels[0])
+            first = profilers[ref]
+            theirs = counting_keys(first)
+            shared = [key for key in mine if key in theirs]
+            same = all(torch.equal(p.counts[mine[key]], first.counts[theirs[key]]) for key in shared) and \
+                torch.equal(p.neuron_counts, first.neuron_counts)
+            moved = sum(int((p.counts[mine[key]] - first.counts[theirs[key]]).abs().sum()) for key in shared)
+            total = sum(int(first.counts[theirs[key]].sum()) for key in shared)
+            neurons = int((p.neuron_counts - first.neuron_counts).abs().sum())
+            lines.append(f"- {label}: counts identical to those of {ref!r}: {same} ({len(shared)} counting(s) "
+                         f"compared, {moved} of {total} expert activations differ, {neurons} neuron activations)")
     return lines
 
 
