@@ -347,7 +347,8 @@ def partitions(store: ArtefactStore | None, lm: LoadedModel, params: ProfilePara
                base: LoadedModel | None = None) -> list[Partition]:
     """The partitions a profile counts: notebook 01's under `profile` (of `base` when profiling its instruct
     variant), then, with params.expert_neurons, the same method and seed at round(d_ff / expert_neurons)
-    experts (the paper's 43-neuron size; skipped when that is 01's size)."""
+    experts (the paper's 43-neuron size; skipped when that is 01's size, or too few experts for `ratio` to select
+    one: a tiny model's FFN)."""
     from babel_lib.babel.conversion import partition, run_partition
     from babel_lib.core import config
 
@@ -356,7 +357,7 @@ def partitions(store: ArtefactStore | None, lm: LoadedModel, params: ProfilePara
     if params.expert_neurons is None:
         return [main]
     n = max(1, round(main.experts.width / params.expert_neurons))
-    if n == main.experts.n_experts:
+    if n == main.experts.n_experts or round(n * params.ratio) < 1:
         return [main]
     P1 = config.notebook_params("01_convert", profile, model)
     return [main, partition(store, owner, main.params.replace(n_experts=n), P1.languages, config.text_source(P1))]

@@ -111,6 +111,15 @@ def gather_rows(rows: torch.Tensor, index: Sequence[int], n: int) -> torch.Tenso
     return all_reduce({"rows": full})["rows"]
 
 
+def all_gather(obj: T) -> list[T]:
+    """Every rank's `obj` (picklable), in rank order; [obj] on one process."""
+    if not active():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class RankFailed(BabelError):
     """A rank failed inside `together`; every rank raises this same error."""
 

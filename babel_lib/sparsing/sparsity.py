@@ -528,9 +528,8 @@ class SparseEvaluator:
         """Quantiles of |s| pooled over layers and counted tokens (s: the gate activation, h for a plain FFN),
         from the dense pass's sample (at most SAMPLE values per layer and batch): FAT-ε's ε values."""
         self._dense_pass()
-        if distributed.active():
-            raise BabelError("score_quantiles samples only this rank's batches; call it in a single process")
-        return torch.from_numpy(np.quantile(torch.cat(self._scores).double().numpy(), list(qs)))
+        pooled = [t for share in distributed.all_gather(self._scores) for t in share]  # a multiset: order is free
+        return torch.from_numpy(np.quantile(torch.cat(pooled).double().numpy(), list(qs)))
 
     def _thresholds(self, ids: torch.Tensor, start: int, mask: torch.Tensor, c: float) -> torch.Tensor:
         """Per-layer thresholds of one batch at CETT value c: from the kept dense h, or from a dense pass."""

@@ -23,7 +23,7 @@ notebooks:
   03_massive_activations: {seq_len: 24, scan_windows: 3, scan_paragraphs: 12, batch_size: 2, top_k: 6}
   04_sparsity_scaling: {seq_len: 24, pareto_languages: [en, ja], windows_per_language: 2, paragraphs: 12,
                         batch_size: 1, max_iter: 2, tol: 0.05, topk_ratios: [0.5], fat_quantiles: [0.5],
-                        language_windows: 2}
+                        sweep_windows: 1, replicates: 20}
   05_prune: {eval_languages: [en, ja], rates: [0.5], random_seeds: 1, active_ratios: [0.5], seq_len: 24,
              windows_per_language: 2, paragraphs: 12, batch_size: 1}
 """
@@ -69,7 +69,7 @@ def artefacts(where: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("studies, kinds", [
     (["scan"], {"massive-scan"}),
-    (["sparsity"], {"sparsity-pareto", "sparsity-languages"}),
+    (["sparsity"], {"sparsity-pareto"}),
     (["profile", "perplexity"], {"partition", "frequencies", "pruning"}),
 ])
 def test_two_gloo_ranks_write_the_single_process_artefacts(tmp_path, studies, kinds):
