@@ -481,13 +481,23 @@ def copyright_file(package: str, deb: Path) -> bytes:
     raise BabelError(f"{deb.name} has no {wanted}; the package layout changed")
 
 
+def store_copyright(text: bytes, package: str, provenance_dir: Path, stored: dict[str, str]) -> str:
+    """Write a copyright file once per distinct text (named after the first package that has it: a family of
+    packages shares one), and return its path relative to the provenance folder; `stored` maps sha256 -> path."""
+    digest = hashlib.sha256(text).hexdigest()
+    if digest not in stored:
+        stored[digest] = f"{COPYRIGHT_DIR}/{package}.txt"
+        _write_atomically(provenance_dir / stored[digest], text)
+    return stored[digest]
+
+
 def build(packages: list[Package], debs: Path, out: Path, provenance_dir: Path, workers: int = 2) -> dict:
     """Fetch and read every source (`workers` processes unpack and parse; cleaning runs in order in this one),
     clean, split, tokenise and write shards, manifest, provenance and copyright files."""
     out.mkdir(parents=True, exist_ok=True)
     (provenance_dir / COPYRIGHT_DIR).mkdir(parents=True, exist_ok=True)
     fetched = [fetch(package, debs) for package in packages]
-    pages, seen, raw = [], set(), Counter()
+    pages, seen, raw, copyright_of, stored = [], set(), Counter(), {}, {}
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         jobs = [(source, debs / package.deb) for source, package in zip(SOURCES, fetched)]
         for source, package, (read, copyright_text) in zip(SOURCES, fetched, pool.imap(_read, jobs)):
@@ -495,12 +505,12 @@ def build(packages: list[Package], debs: Path, out: Path, provenance_dir: Path, 
             kept = list(clean_pages(iter(read), seen))
             pages.extend(kept)
             if copyright_text:
-                _write_atomically(provenance_dir / COPYRIGHT_DIR / f"{source.package}.txt", copyright_text)
+                copyright_of[source.package] = store_copyright(copyright_text, source.package, provenance_dir, stored)
             print(f"{source.package}={package.version}: {len(kept):,} of {len(read):,} pages kept, "
                   f"{sum(len(p.text) for p in kept) / 1e6:.1f}M characters", flush=True)
     for package in fetched[len(SOURCES):]:
-        _write_atomically(provenance_dir / COPYRIGHT_DIR / f"{package.package}.txt",
-                          copyright_file(package.package, debs / package.deb))
+        copyright_of[package.package] = store_copyright(copyright_file(package.package, debs / package.deb),
+                                                        package.package, provenance_dir, stored)
     tokenizer = zoo_tokenizer()
     tokenizer_text = tokenizer.to_str()
     _write_atomically(out / TOKENIZER, tokenizer_text.encode("utf-8"))
@@ -520,7 +530,7 @@ def build(packages: list[Package], debs: Path, out: Path, provenance_dir: Path, 
         "build_command": BUILD_COMMAND, "check_command": f"{BUILD_COMMAND} --check",
         "source": "Debian 12 (bookworm) main, binary documentation packages",
         "packages": [asdict(p) | {"licence": licences[p.package], "files_read": raw[p.package],
-                                  "copyright": f"{COPYRIGHT_DIR}/{holders.get(p.package, p.package)}.txt"}
+                                  "copyright": copyright_of[holders.get(p.package, p.package)]}
                      for p in fetched],
         "sources": [asdict(s) for s in SOURCES],
         "rules": list(RULES),
