@@ -48,8 +48,14 @@ def free_port() -> int:
 
 
 def kernels(server: psutil.Process) -> int:
-    """The kernels the server runs (ipykernel processes below it)."""
-    return sum("ipykernel" in " ".join(p.cmdline()) for p in server.children(recursive=True))
+    """The kernels the server runs (living ipykernel processes below it; a culled one may linger as a zombie)."""
+    count = 0
+    for p in server.children(recursive=True):
+        try:
+            count += "ipykernel" in " ".join(p.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return count
 
 
 @dataclass
