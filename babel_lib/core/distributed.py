@@ -298,20 +298,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="default", help="configs/<profile>.yaml")
     parser.add_argument("--model", default="", help="comma-separated models replacing the profile's")
     args = parser.parse_args(argv)
-    alone = False
+    alone, status = False, 0
     try:
         init()
         for study in args.studies:
             STUDIES[study](args.profile, args.model)
     except BabelError as err:
-        alone = not isinstance(err, RankFailed)
+        alone, status = not isinstance(err, RankFailed), 1
         if alone:  # this rank alone: torchrun ends the others
             print(f"error: rank {rank()}: {err}", file=sys.stderr, flush=True)
         elif rank() == 0:  # every rank holds the same error: say it once
             print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
     finally:
         shutdown(together_ok=not alone)
+    # artefacts are written (atomically) and the group is gone: leave without interpreter finalization, where
+    # gloo's worker threads can still abort the process ("terminate called without an active exception")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
