@@ -41,6 +41,18 @@ def _skip_png(why: str) -> bool:
     return False
 
 
+def _browser() -> str | None:
+    """The Chrome/Chromium kaleido would start (BROWSER_PATH, kaleido's own download, the PATH, the usual places), or
+    None. Looked up first because kaleido's sync server does not raise when there is none: its thread dies and
+    every later write_image waits forever (what hung notebook 01 on a GPU server)."""
+    try:
+        from choreographer.browsers.chromium import Chromium
+    except ImportError:
+        return None
+    found = Chromium.find_browser(skip_local=False)
+    return found if found and Path(found).is_file() else None
+
+
 def _png(fig, path: Path, width: int, height: int) -> bool:
     """Write the PNG; False (said once per process) where kaleido or a browser is missing."""
     if _SERVER == [False]:
@@ -50,6 +62,8 @@ def _png(fig, path: Path, width: int, height: int) -> bool:
     except ImportError:
         return _skip_png("kaleido is not installed")
     if not _SERVER:
+        if _browser() is None:
+            return _skip_png("no Chrome/Chromium found")
         try:
             kaleido.start_sync_server(silence_warnings=True)
         except Exception as err:  # noqa: BLE001 - only a missing browser is skipped, anything else is raised

@@ -83,22 +83,47 @@ SHAPES = {  # LlamaConfig keywords of real model shapes, for random-weight runs 
 }
 
 
+def subword_tokenizer(path: str | Path):
+    """A trained `tokenizers` BPE file (e.g. the zoo's, `.tokens/pretrain/tokenizer.json`) made a full HF tokenizer:
+    <pad> and <bos> appended after its vocabulary, <bos> added to every text, its own <eos> kept."""
+    from tokenizers import AddedToken, Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not path.is_file():
+        raise BabelError(f"no tokenizer file at {path}; pass a tokenizers JSON (make pretrain writes "
+                         ".tokens/pretrain/tokenizer.json) or leave --tokenizer out for the byte tokenizer")
+    core = Tokenizer.from_file(str(path))
+    if core.token_to_id("<eos>") is None:
+        raise BabelError(f"{path} has no <eos> token; train it with one (the zoo's tokenizer has it)")
+    core.add_special_tokens([AddedToken("<pad>", special=True), AddedToken("<bos>", special=True)])
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                        special_tokens=[("<bos>", core.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
 def save_random(shape: str, folder: str | Path, dtype: str = "bfloat16", seed: int = 0,
-                device: str = "cpu") -> Path:
-    """Save a LLaMA model of a real `shape` with random weights and the byte tokenizer as a plain Hugging Face
-    folder (`from_pretrained` loads it; so does `MODEL=<folder>`): its findings are noise, its time and memory not."""
+                device: str = "cpu", tokenizer: str | Path | None = None) -> Path:
+    """Save a LLaMA model of a real `shape` with random weights as a plain Hugging Face folder (`from_pretrained`
+    loads it; so does `MODEL=<folder>`): its findings are noise, its time and memory not. The tokenizer is the
+    byte tokenizer, or the BPE file `tokenizer` (subword_tokenizer): a subword vocabulary gives token counts near
+    a real model's (the byte tokenizer makes the LibreOffice corpus 3.3x longer than an 8k BPE does)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     if shape not in SHAPES:
         raise BabelError(f"unknown shape {shape!r}; pick one of {', '.join(SHAPES)}")
-    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    tok = byte_tokenizer() if tokenizer is None else subword_tokenizer(tokenizer)
+    if len(tok) > SHAPES[shape]["vocab_size"]:
+        raise BabelError(f"the tokenizer has {len(tok):,} tokens, more than shape {shape!r}'s vocabulary "
+                         f"({SHAPES[shape]['vocab_size']:,}); pick a smaller tokenizer")
+    ids = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     config = LlamaConfig(**SHAPES[shape], **ids, max_position_embeddings=4096)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     folder = Path(folder)
     model.save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
 
 
@@ -111,5 +136,9 @@ if __name__ == "__main__":
     parser.add_argument("folder")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu", help="where the weights are drawn (cuda is much faster at 7B)")
+    parser.add_argument("--tokenizer", help="a tokenizers BPE file with <eos> (default: the byte tokenizer)")
     args = parser.parse_args()
-    print(save_random(args.shape, args.folder, args.dtype, device=args.device))
+    try:
+        print(save_random(args.shape, args.folder, args.dtype, device=args.device, tokenizer=args.tokenizer))
+    except BabelError as err:
+        raise SystemExit(f"error: {err}") from None

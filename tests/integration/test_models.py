@@ -141,3 +141,29 @@ def test_a_random_model_of_a_real_shape_saves_as_a_plain_hub_folder(tmp_path):
     assert ids[0, 0].item() == 1 and torch.equal(plain(ids).logits, lm.model(ids).logits)
     with pytest.raises(BabelError, match="unknown shape 'llama-70b'"):
         save_random("llama-70b", tmp_path / "x")
+
+
+def test_a_random_model_can_carry_a_subword_tokenizer(tmp_path):
+    """--tokenizer: a trained BPE file with <eos> becomes the folder's tokenizer, <bos> first, fewer tokens than bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from babel_lib.core.tiny import save_random
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["the expert profile of the model"] * 50 + ["Summer is warm. Winter is cold."] * 50, trainer)
+    bpe.save(str(tmp_path / "bpe.json"))
+    folder = save_random("llama-small", tmp_path / "small", dtype="float32", tokenizer=tmp_path / "bpe.json")
+    lm = load_model(str(folder), device="cpu", dtype="float32")
+    text = "the expert profile of the model"
+    ids = lm.tokenizer([text], return_tensors="pt").input_ids[0]
+    n = bpe.get_vocab_size()  # <pad> and <bos> come after the trained vocabulary
+    assert ids[0].item() == lm.tokenizer.bos_token_id == lm.model.config.bos_token_id == n + 1
+    assert lm.tokenizer.eos_token_id == lm.model.config.eos_token_id == 0 and lm.tokenizer.pad_token_id == n
+    assert 1 < len(ids) < len(text.encode()) and lm.tokenizer.decode(ids[1:]) == text
+    with pytest.raises(BabelError, match="no tokenizer file at"):
+        save_random("llama-small", tmp_path / "x", tokenizer=tmp_path / "missing.json")
+    with pytest.raises(BabelError, match="more than shape 'llama-small'"):
+        save_random("llama-small", tmp_path / "y", tokenizer=".tokens/pretrain/tokenizer.json")
