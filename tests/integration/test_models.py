@@ -165,5 +165,7 @@ def test_a_random_model_can_carry_a_subword_tokenizer(tmp_path):
     assert 1 < len(ids) < len(text.encode()) and lm.tokenizer.decode(ids[1:]) == text
     with pytest.raises(BabelError, match="no tokenizer file at"):
         save_random("llama-small", tmp_path / "x", tokenizer=tmp_path / "missing.json")
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(600)} | {"<eos>": 600}, unk_token="<eos>"))
+    words.save(str(tmp_path / "words.json"))  # 601 tokens + <pad>, <bos>: more than llama-small's 512
     with pytest.raises(BabelError, match="more than shape 'llama-small'"):
-        save_random("llama-small", tmp_path / "y", tokenizer=".tokens/pretrain/tokenizer.json")
+        save_random("llama-small", tmp_path / "y", tokenizer=tmp_path / "words.json")
