@@ -27,7 +27,6 @@ from babel_lib.massive.scan import (
     ResidualScan,
     Scan,
     median_abs,
-    sample_index,
     top_entries,
 )
 from benchmarks.common import kernel_times, machine_name, trace_summary, write_table
@@ -77,10 +76,7 @@ class PerLayerScan(ResidualScan):
     def _observer(self, layer: int):
         def observe(h: torch.Tensor) -> None:
             h = h.detach()
-            key = (h.shape[1] * h.shape[2], h.shape[2])
-            if key not in self._index:
-                self._index[key] = sample_index(*key, self.median_sample, h.device)
-            self._layer[layer] = (*top_entries(h, self.top_k), median_abs(h, self._index[key]))
+            self._layer[layer] = (*top_entries(h, self.top_k), median_abs(h, self._sample_index(h)))
         return observe
 
     def end_batch(self) -> None:

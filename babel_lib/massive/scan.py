@@ -179,13 +179,17 @@ class ResidualScan:
     def hooks(self) -> dict:
         return {site(layer, "hook_resid_post"): self._observer(layer) for layer in range(self.n_layers)}
 
+    def _sample_index(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The median's sample positions for states shaped like h [B, T, d] (made once per shape)."""
+        key = (h.shape[1] * h.shape[2], h.shape[2])
+        if key not in self._index:
+            self._index[key] = sample_index(*key, self.median_sample, h.device)
+        return self._index[key]
+
     def _observer(self, layer: int):
         def observe(h: torch.Tensor) -> None:
             h = h.detach()
-            key = (h.shape[1] * h.shape[2], h.shape[2])
-            if key not in self._index:
-                self._index[key] = sample_index(*key, self.median_sample, h.device)
-            index = self._index[key]
+            index = self._sample_index(h)
             median = median_abs(h) if index is None else h.reshape(h.shape[0], -1).index_select(1, index)
             self._layer[layer] = (*top_rows(h, self.top_k), median)
         return observe

@@ -3,42 +3,19 @@ with one clear error and no artefact."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from ranks import run_ranks
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
 def launch(args: list[str], world: int) -> list[subprocess.CompletedProcess]:
     """Start `world` worker processes with the environment torchrun gives (world=0: no process group)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(max(world, 1)):
-        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-        env["CUDA_VISIBLE_DEVICES"] = ""
-        if world:
-            env |= {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    out = []
-    for proc in procs:
-        try:
-            stdout, stderr = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("a rank hung")
-        out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-    return out
+    return run_ranks([sys.executable, str(WORKER), *args], world)
 
 
 def test_two_gloo_ranks_give_exactly_the_single_process_results(tmp_path):

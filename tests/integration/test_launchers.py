@@ -3,13 +3,11 @@ process writes (same files under the same keys, byte for byte), on a tiny model 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ranks import run_ranks
 
 from babel_lib.core import config
 
@@ -39,26 +37,10 @@ def root(path: Path) -> Path:
 
 def launch(where: Path, studies: list[str], world: int) -> None:
     """The launcher on `world` gloo ranks started with torchrun's environment (world=0: one plain process)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(max(world, 1)):
-        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-        env |= {"CUDA_VISIBLE_DEVICES": "", "BABEL_ROOT": str(where), "PYTHONPATH": str(config.ROOT)}
-        if world:
-            env |= {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "babel_lib.core.distributed", *studies, "--profile",
-                                       "tiny"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    for proc in procs:
-        try:
-            _, stderr = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("a rank hung")
-        assert proc.returncode == 0, stderr[-3000:]
+    runs = run_ranks([sys.executable, "-m", "babel_lib.core.distributed", *studies, "--profile", "tiny"], world,
+                     {"BABEL_ROOT": str(where), "PYTHONPATH": str(config.ROOT)}, timeout=600)
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
 
 
 def artefacts(where: Path) -> dict[str, bytes]:
