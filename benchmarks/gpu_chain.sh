@@ -6,13 +6,14 @@
 # the BPE file CHAIN_TOKENIZER as its tokenizer if set, else the byte tokenizer);
 # OUT: where make.log, gpumem.csv (nvidia-smi, 1 s) and chain.md (benchmarks/chain_report.py) go.
 # A second call resumes: make skips finished notebooks and the studies reuse their cached artefacts. make is
-# stopped after CHAIN_TIMEOUT_S (default: none) so the report is still written inside a machine's call limit
-# (a plain `timeout` around this script does not stop it: bash waits for make before it handles the signal).
+# stopped CHAIN_TIMEOUT_S seconds after this script started (set-up and drawing the model count; default: no limit)
+# so the report is still written inside a machine's call limit (a plain `timeout` around this script does not stop
+# it: bash waits for make before it handles the signal).
 set -euo pipefail
 wheels=$1 model=$2 out=$3
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 G=$PWD/.gpu
-export PYTHONPATH=$G/site JUPYTER_PATH=$G/share/jupyter
+export PYTHONPATH=$G/site JUPYTER_PATH=$G/share/jupyter:$G/site/share/jupyter  # the kernel spec; nbconvert templates
 if [ ! -f $G/.setup-done ]; then
   python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target $G/site "$wheels"/*.whl
   mkdir -p $G/bin && ln -sf $G/site/bin/* $G/bin/
@@ -23,8 +24,8 @@ if [ ! -f $G/.setup-done ]; then
 fi
 if [ "$model" = llama2-7b ]; then
   if [ ! -f $G/llama2-7b/config.json ]; then
-    SECONDS=0; python3 -m babel_lib.core.tiny llama2-7b $G/llama2-7b --device cuda ${CHAIN_TOKENIZER:+--tokenizer "$CHAIN_TOKENIZER"}
-    echo "random llama2-7b drawn and saved in $SECONDS s" | tee -a "$out/make.log"
+    drawn=$SECONDS; python3 -m babel_lib.core.tiny llama2-7b $G/llama2-7b --device cuda ${CHAIN_TOKENIZER:+--tokenizer "$CHAIN_TOKENIZER"}
+    echo "random llama2-7b drawn and saved in $((SECONDS - drawn)) s" | tee -a "$out/make.log"
   fi
   model=$G/llama2-7b
 fi
@@ -33,7 +34,8 @@ run=build/gpu-$(echo "$model" | tr '/:' '__')
 [ -d "$run" ] && find "$run" -maxdepth 1 -name '0*.ipynb' ! -name '*.tmp.ipynb' -exec touch {} +
 nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 1000 >> "$out/gpumem.csv" &
 status=0
-limit=${CHAIN_TIMEOUT_S:+timeout -k 10 $CHAIN_TIMEOUT_S}
+limit=${CHAIN_TIMEOUT_S:+timeout -k 10 $((CHAIN_TIMEOUT_S - SECONDS))}
+echo "make starts $SECONDS s after the script" >> "$out/make.log"
 $limit make figures PROFILE=gpu MODEL="$model" VENV=.gpu -o .gpu/.setup-done -o models >> "$out/make.log" 2>&1 || status=$?
 tail -n 20 "$out/make.log"
 kill %1 || true

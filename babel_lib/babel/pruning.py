@@ -3,8 +3,8 @@ token), and two ways to remove them (a mask at the activation site, or physicall
 
 A static pruning is a keep mask [n_layers, n_experts] (True = kept). `masked` multiplies the neuron activation
 (the down projection's input) by the mask; `sliced` copies the model with only the kept neurons' gate/up rows and
-down columns, so it is really smaller and faster. Both compute the same function (up to the summation order of
-the down projection). `dynamic` keeps, per token and layer, the top-k experts by ExpertMap's score.
+down columns (padded with zeroed neurons to an aligned width), so it is really smaller and faster. Both compute the
+same function (up to the summation order of the down projection). `dynamic` keeps, per token and layer, the top-k experts by ExpertMap's score.
 """
 
 from __future__ import annotations
@@ -232,13 +232,32 @@ def slice_ffn(ffn: FFN, kept: torch.Tensor) -> None:
     _select(ffn.down, kept, out_dim)
 
 
-def sliced(model: nn.Module, experts: ExpertMap, keep: torch.Tensor) -> nn.Module:
+def _zero_neurons(ffn: FFN, index: torch.Tensor) -> None:
+    """Zero neurons `index` in place (gate/up rows with their biases, down columns): each then adds exactly 0."""
+    width, conv = ffn.width, ffn.spec.conv1d
+    in_dim, out_dim = (1, 0) if conv else (0, 1)
+    rows = torch.cat([index, index + width]) if ffn.spec.fused_gate_up else index
+    with torch.no_grad():
+        for module, idx in ((ffn.up, rows), (ffn.gate, index)):
+            if module is None:
+                continue
+            module.weight.index_fill_(in_dim, idx.to(module.weight.device), 0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.index_fill_(0, idx.to(module.bias.device), 0)
+        ffn.down.weight.index_fill_(out_dim, index.to(ffn.down.weight.device), 0)
+
+
+def sliced(model: nn.Module, experts: ExpertMap, keep: torch.Tensor, align: int = 64) -> nn.Module:
     """A copy of `model` whose FFNs hold only the kept experts' neurons (in their original order).
 
+    Each layer's width is padded up to a multiple of `align` with zeroed neurons (same function): a GPU matmul over
+    an unaligned width is slow (on the H200, 9,890 of LLaMA-2-7B's 11,008 neurons ran at 0.65x the dense model).
     With the same number of neurons in every layer the config's FFN width is set to it, so `save_pretrained` gives
     a model plain transformers loads; with per-layer widths they go into config.babel_ffn_widths and need
     `load_sliced` (transformers builds every layer at one width).
     """
+    if align < 1:
+        raise BabelError(f"align must be a positive number of neurons, got {align}")
     neurons = neuron_keep(experts, keep)
     spec = arch_spec(model)
     layers = ffn_layers(model)
@@ -247,8 +266,11 @@ def sliced(model: nn.Module, experts: ExpertMap, keep: torch.Tensor) -> nn.Modul
     widths = []
     for ffn, mask in zip(ffn_layers(model), neurons):
         kept = mask.nonzero().squeeze(-1)
-        slice_ffn(ffn, kept)
-        widths.append(kept.numel())
+        filler = (~mask).nonzero().squeeze(-1)[:-kept.numel() % align]
+        slice_ffn(ffn, torch.cat([kept, filler]))
+        if filler.numel():
+            _zero_neurons(ffn, torch.arange(kept.numel(), ffn.width))
+        widths.append(ffn.width)
     if len(set(widths)) == 1:
         setattr(model.config, spec.width_key, widths[0])
     else:

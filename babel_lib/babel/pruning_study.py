@@ -195,7 +195,8 @@ class SpeedResult:
 
     model: str
     device: str
-    kept: list[float]  # kept share of neurons per sliced model
+    rates: list[float]  # pruning rate (share of experts removed) per sliced model
+    kept: list[float]  # kept share of neurons per sliced model (its width padded to a multiple of 64)
     dense: float  # tokens/s
     pruned: list[float]  # tokens/s per sliced model
     ffn_share: float  # share of the dense body's time spent in the FFNs (measured with hooks)
@@ -208,8 +209,8 @@ class SpeedResult:
         return [p / self.dense for p in self.pruned]
 
     def findings(self) -> list[str]:
-        parts = [f"{1 - k:.0%} pruned: {s:.2f}x (ideal {i:.2f}x, {s / i:.0%} of it)"
-                 for k, s, i in zip(self.kept, self.speedup(), self.ideal())]
+        parts = [f"{r:.0%} pruned: {s:.2f}x (ideal {i:.2f}x, {s / i:.0%} of it)"
+                 for r, s, i in zip(self.rates, self.speedup(), self.ideal())]
         return [f"{self.model} on {self.device}: the FFNs take {self.ffn_share:.0%} of the decoder body's time; "
                 f"sliced models run " + "; ".join(parts) + "."]
 
@@ -263,7 +264,7 @@ def sliced_speed(lm: LoadedModel, experts: ExpertMap, freq: torch.Tensor, ids: t
         kept.append(sum(f.width for f in ffn_layers(small)) / sum(f.width for f in ffn_layers(lm.model)))
         pruned.append(n / fastest(small))
         del small
-    return SpeedResult(lm.name, str(lm.device), kept, n / dense, pruned, ffn / body)
+    return SpeedResult(lm.name, str(lm.device), list(params.rates), kept, n / dense, pruned, ffn / body)
 
 
 def verdicts(results: Sequence[PruneResult], speeds: Sequence[SpeedResult]) -> list[Verdict]:
@@ -274,7 +275,7 @@ def verdicts(results: Sequence[PruneResult], speeds: Sequence[SpeedResult]) -> l
     below_dense = [f"{r.model}: {r.languages[j]}@{r.rates[i]:.0%}" for r in results
                    for i, j in zip(*np.nonzero(r.frequency < r.dense[None]))]
     adaptive = sum(int((r.adaptive < r.frequency).sum()) for r in results)
-    fastest = [f"{s.model} {1 - k:.0%} pruned: {x:.2f}x" for s in speeds for k, x in zip(s.kept, s.speedup())]
+    fastest = [f"{s.model} {r:.0%} pruned: {x:.2f}x" for s in speeds for r, x in zip(s.rates, s.speedup())]
     return [
         Verdict(paper, "Frequency-guided expert pruning beats random expert pruning",
                 "qualitative (summary, point 3; no number)",

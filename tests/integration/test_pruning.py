@@ -55,7 +55,7 @@ def test_masked_and_sliced_agree_uniform_and_per_layer(tiny, model_type):
     for keep in (random_keep(uniform_counts(0.5, LAYERS, N_EXPERTS), N_EXPERTS, seed=3), skewed_keep(0.5)):
         with masked(lm.model, experts, keep):
             reference = logits(lm.model, lm)
-        small = sliced(lm.model, experts, keep)
+        small = sliced(lm.model, experts, keep, align=1)
         widths = [f.width for f in ffn_layers(small)]
         assert widths == [int(keep[i].sum()) * WIDTH // N_EXPERTS for i in range(LAYERS)]
         assert (logits(small, lm) - reference).abs().max() <= 1e-5
@@ -69,7 +69,7 @@ def test_uniform_slice_reloads_with_plain_transformers(tiny, model_type, tmp_pat
 
     lm = tiny(model_type)
     keep = random_keep(uniform_counts(0.25, LAYERS, N_EXPERTS), N_EXPERTS, seed=0)
-    small = sliced(lm.model, expert_map(), keep)
+    small = sliced(lm.model, expert_map(), keep, align=1)
     small.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert [f.width for f in ffn_layers(again)] == [WIDTH * 3 // 4] * LAYERS
@@ -79,12 +79,30 @@ def test_uniform_slice_reloads_with_plain_transformers(tiny, model_type, tmp_pat
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2", "opt", "gemma3_text"])
 def test_per_layer_slice_needs_and_reloads_with_babel_loader(tiny, model_type, tmp_path):
     lm = tiny(model_type)
-    small = sliced(lm.model, expert_map(), skewed_keep(0.5))
+    small = sliced(lm.model, expert_map(), skewed_keep(0.5), align=1)
     assert len({f.width for f in ffn_layers(small)}) > 1
     small.save_pretrained(tmp_path)
     again = load_sliced(tmp_path)
     assert [f.width for f in ffn_layers(again)] == [f.width for f in ffn_layers(small)]
     assert torch.equal(logits(again, lm), logits(small, lm))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2", "opt", "gemma3_text"])
+def test_sliced_widths_are_padded_with_zero_neurons(tiny, model_type, tmp_path):
+    """align=16: every layer's width rounds up to a multiple of 16 (or d_ff) with neurons that add exactly nothing."""
+    lm = tiny(model_type)
+    experts, keep = expert_map(2), skewed_keep(0.5)
+    with masked(lm.model, experts, keep):
+        reference = logits(lm.model, lm)
+    small = sliced(lm.model, experts, keep, align=16)
+    kept = [int(keep[i].sum()) * WIDTH // N_EXPERTS for i in range(LAYERS)]
+    assert [f.width for f in ffn_layers(small)] == [min(-(-k // 16) * 16, WIDTH) for k in kept]
+    assert any(k % 16 for k in kept)  # some layer really is padded
+    for f, k in zip(ffn_layers(small), kept):
+        assert not f.down_columns()[k:].any()
+    assert (logits(small, lm) - reference).abs().max() <= 1e-5
+    small.save_pretrained(tmp_path)
+    assert torch.equal(logits(load_sliced(tmp_path), lm), logits(small, lm))
 
 
 def brute_force_top_k(experts: ExpertMap, k: int, mode: str):

@@ -33,13 +33,13 @@ def test_findings_are_computed_from_the_losses():
 
 
 def test_speed_ideal_and_findings():
-    s = SpeedResult("m", "cpu", [0.5], dense=100.0, pruned=[120.0], ffn_share=0.4)
+    s = SpeedResult("m", "cpu", [0.5], [0.5], dense=100.0, pruned=[120.0], ffn_share=0.4)
     assert s.ideal() == [pytest.approx(1 / 0.8)]
     assert "1.20x (ideal 1.25x, 96% of it)" in s.findings()[0]
 
 
 def test_verdicts_follow_their_rules():
-    v = {x.claim: x for x in verdicts([result()], [SpeedResult("m", "cpu", [0.5], 100.0, [135.0], 0.5)])}
+    v = {x.claim: x for x in verdicts([result()], [SpeedResult("m", "cpu", [0.5], [0.5], 100.0, [135.0], 0.5)])}
     assert v["Frequency-guided expert pruning beats random expert pruning"].verdict == "reproduced"
     assert v["In some languages frequency-guided pruning beats the unpruned model"].verdict == "reproduced"
     assert v["Per-layer pruning rates from activation differences beat one uniform rate"].verdict == "partly"
