@@ -6,6 +6,7 @@ import asyncio
 import csv
 import json
 import math
+import re
 import shutil
 import warnings
 from dataclasses import replace
@@ -27,7 +28,8 @@ from babel_lib.errors import BabelError
 from babel_lib.babel.analysis import standard_error
 from babel_lib.babel.explorer import (PLOTLY_CONFIG, PLOTLY_MODULE, Controls, Explorer, FrequencySet, build_command,
                                       explorer_app, heatmap, load_frequencies, load_frequency_set, main,
-                                      run_frequencies, to_csv, write_frequency_index, write_plotly_module)
+                                      run_frequencies, to_csv, trim_plotly_bundle, write_frequency_index,
+                                      write_plotly_module)
 from babel_lib.babel.explorer_server import ExplorerKernelManager
 
 LANGS = ("en", "de", "ja")
@@ -342,11 +344,32 @@ def test_the_served_figure_imports_the_module_make_explore_writes(tmp_path):
     """The app's figures import plotly's module from voila/files/ (one copy per page, cached by the browser)."""
     written = write_plotly_module(tmp_path)
     assert written.name == PLOTLY_MODULE
-    assert written.read_bytes() == (Path(plotly.__file__).parent / "package_data" / "widgetbundle.js").read_bytes()
+    bundle = (Path(plotly.__file__).parent / "package_data" / "widgetbundle.js").read_text(encoding="utf-8")
+    assert written.read_text(encoding="utf-8") == trim_plotly_bundle(bundle) != bundle
     assert write_plotly_module(tmp_path) == written
     e = Explorer({"m": frequency_set()}, served_plotly=True)
     assert f'"voila/files/{PLOTLY_MODULE}"' in e.figure._esm and len(e.figure._esm) < 1000
     assert isinstance(e.figure, go.FigureWidget) and len(Explorer({"m": frequency_set()}).figure._esm) > 10**6
+
+
+def test_the_served_plotly_registers_only_the_traces_the_explorer_draws():
+    """plotly's bundle with bar and heatmap registered (scatter is in its core) and nothing else changed; a bundle
+    laid out otherwise (another plotly release) is left as it is."""
+    bundle = (Path(plotly.__file__).parent / "package_data" / "widgetbundle.js").read_text(encoding="utf-8")
+    trimmed = trim_plotly_bundle(bundle)
+    register = re.compile(r'"lib/index\.js"\([\w$,]*\)\{var ([\w$]+)=[\w$]+\(\);\1\.register\(\[([^\]]*)\]\)')
+    full, kept = register.search(bundle).group(2).split(","), register.search(trimmed).group(2).split(",")
+    assert len(full) > 40 and len(kept) == 2 and set(kept) < set(full)
+    paths = {re.search(r'(?<![\w$.])' + re.escape(c[:-2]) + r'=[\w$]+\(\{"(lib/[\w-]+\.js)"', bundle).group(1)
+             for c in kept}
+    assert paths == {"lib/bar.js", "lib/heatmap.js"}
+    assert trimmed.replace(",".join(kept), ",".join(full), 1) == bundle
+    fake = ('var a=w({"lib/bar.js"(e,r){}}),b=w({"lib/box.js"(e,r){}}),'
+            'i=w({"lib/index.js"(e,r){var t=c();t.register([a(),b()]),r.exports=t}});')
+    assert trim_plotly_bundle(fake, ("bar",)) == fake.replace("[a(),b()]", "[a()]")
+    assert trim_plotly_bundle(fake) is None  # no heatmap in it
+    assert trim_plotly_bundle(fake.replace('b=w({"lib/box.js"', 'b=w({"src/box.js"'), ("bar",)) is None
+    assert trim_plotly_bundle("export default 1;") is None
 
 
 def test_a_kernel_handed_out_of_the_pool_gets_a_fresh_idle_clock(monkeypatch):
