@@ -21,7 +21,7 @@ from babel_lib.core.batches import windows
 from babel_lib.core.models import LoadedModel
 from babel_lib.core.study import StudyParams, param
 from babel_lib.errors import BabelError
-from babel_lib.sparsing.sparsity import SparseEval, SparseEvaluator
+from babel_lib.sparsing.sparsity import SparseEval, SparseEvaluator, ratio_gap
 
 _CODE = ("babel_lib.sparsing.studies", "babel_lib.sparsing.sparsity", "babel_lib.core.batches",
          "babel_lib.core.evaluation", "babel_lib.core.hooks", "babel_lib.core.bootstrap")
@@ -312,12 +312,12 @@ class ParetoResult:
 
 
 def search_slope(trace: Sequence[Mapping[str, float]], target: float) -> float | None:
-    """d(perplexity ratio) / d(log2 c) between the two visited c whose ratios lie closest to the target."""
+    """d ratio_gap / d(log2 c) between the two visited c whose ratios lie closest to the target."""
     near = sorted(trace, key=lambda t: abs(t["ppl_ratio"] - target))[:2]
     if len(near) < 2 or near[0]["cett"] == near[1]["cett"]:
         return None
     dx = math.log2(near[1]["cett"]) - math.log2(near[0]["cett"])
-    return (near[1]["ppl_ratio"] - near[0]["ppl_ratio"]) / dx
+    return (ratio_gap(near[1]["ppl_ratio"], target) - ratio_gap(near[0]["ppl_ratio"], target)) / dx
 
 
 def pareto(store: ArtefactStore, lm: LoadedModel, params: ParetoParams, evaluation: EvalParams,

@@ -111,6 +111,19 @@ def test_cett_matches_the_definition_and_memo_is_reused(monkeypatch):
     assert layer_thresholds(other, w, [0.2], memo).equal(layer_thresholds(other, w, [0.2]))  # a stale memo is reset
 
 
+@pytest.mark.parametrize("kind", ["gated", "plain"])
+def test_kept_sort_gives_the_fresh_thresholds(kind, monkeypatch):
+    """keep_sorted: c after c on one memo (the sort reused, scans reselecting their pairs) = each c searched alone."""
+    monkeypatch.setattr(CettCurve, "SCAN", 4)
+    h, w = _activations(5, kind)
+    memo: dict = {}
+    kept = [float(layer_thresholds(h, w, [c], memo, keep_sorted=True)[0]) for c in C_VALUES]
+    assert "sorted" in memo
+    assert kept == layer_thresholds(h, w, C_VALUES).tolist()
+    other, _ = _activations(6, kind)
+    assert layer_thresholds(other, w, [0.2], memo, keep_sorted=True).equal(layer_thresholds(other, w, [0.2]))
+
+
 def test_model_thresholds_come_from_each_layers_counted_activations(tiny):
     lm = tiny("llama", "float64")
     batch = pad(encode(lm.tokenizer, TEXTS), lm.tokenizer)
