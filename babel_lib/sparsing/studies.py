@@ -160,13 +160,14 @@ def _band(values: np.ndarray) -> tuple[float, float]:
     return bootstrap.interval(values[1:])
 
 
-def at_target(ratios: np.ndarray, values: np.ndarray, target: float) -> np.ndarray:
+def at_target(ratios: np.ndarray, values: np.ndarray, target: float, slope: float = 0.0) -> np.ndarray:
     """Per column (a replicate), `values` at the perplexity ratio `target`, on the line through the closest
     evaluation at or below the target and the closest above it (or, where all lie on one side, the two closest:
     an extrapolation); the closest one alone where their ratios tie. ratios, values: [K, rows] over K evaluations.
+    With one evaluation, the line through it with `slope` (d value / d ratio, e.g. from another window set).
     """
     if ratios.shape[0] == 1:
-        return values[0].astype(float)
+        return values[0] + slope * (target - ratios[0])
     distance = np.abs(ratios - target)
     below = ratios <= target
     cols = np.arange(ratios.shape[1])
@@ -211,20 +212,33 @@ class ParetoResult:
     def __post_init__(self) -> None:
         target = 1 + self.p / 100
         self.best = self.full_cett.index(self.cett)  # the reported evaluation among the full set's
+        sweep_draws = self.sweep.draws(self.replicates)
+        self._sweep_ratio, self._sweep_act = self.sweep.ppl_ratio(sweep_draws), self.sweep.activation_ratio(sweep_draws)
         draws = self.full.draws(self.replicates)
         ratios, acts = self.full.ppl_ratio(draws), self.full.activation_ratio(draws)
         self.activation_ratio = float(acts[self.best, 0])
-        self.activation_ci = _band(np.clip(at_target(ratios, acts, target), 0.0, 1.0))  # extrapolations stay ratios
+        # where PPL-p% lies moves with the resampled windows: one full-set evaluation borrows the sweep set's slope
+        acts_at = at_target(ratios, acts, target, self.sweep_slope())
+        self.activation_ci = _band(np.clip(acts_at, 0.0, 1.0))  # extrapolations stay ratios
         self.ppl_ci = _band(ratios[self.best])
         layers = self.full.layer_ratio(draws)[self.best]  # [rows, L]
         self.layer_ratio, self.layer_ci = layers[0], np.percentile(layers[1:], [2.5, 97.5], axis=0).T
-        sweep_draws = self.sweep.draws(self.replicates)
-        self._sweep_ratio, self._sweep_act = self.sweep.ppl_ratio(sweep_draws), self.sweep.activation_ratio(sweep_draws)
         self.points = self.points.assign(activation_ratio=self._sweep_act[:, 0], ppl_ratio=self._sweep_ratio[:, 0])
         for name, values in (("activation", self._sweep_act), ("ppl", self._sweep_ratio)):
             bands = np.array([_band(v) for v in values])
             self.points[f"{name}_lo"], self.points[f"{name}_hi"] = bands[:, 0], bands[:, 1]
         self.points["perplexity"] = self.points["ppl_ratio"] * math.exp(self.sweep_dense_loss)
+
+    def sweep_slope(self) -> float:
+        """d activation ratio / d perplexity ratio of CETT on the sweep set, between its two evaluations closest to
+        the target (0 with fewer than two)."""
+        cett = (self.points["method"] == "cett").to_numpy()
+        ratios, acts = self._sweep_ratio[cett, 0], self._sweep_act[cett, 0]
+        if len(ratios) < 2:
+            return 0.0
+        near = np.argsort(np.abs(ratios - (1 + self.p / 100)))[:2]
+        (r1, r2), (a1, a2) = ratios[near], acts[near]
+        return float((a2 - a1) / (r2 - r1)) if r1 != r2 else 0.0
 
     @property
     def tokens(self) -> int:

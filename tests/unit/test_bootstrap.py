@@ -63,6 +63,12 @@ def test_at_target_interpolates_across_the_target_else_extrapolates_from_the_clo
     assert at[2] == pytest.approx(0.7 + (0.6 - 0.7) / 0.01 * -0.01)  # all above: the line through the two closest
 
 
+def test_one_evaluation_moves_along_the_given_slope():
+    ratios, values = np.array([[1.012, 1.008, 1.01]]), np.array([[0.74, 0.75, 0.73]])
+    assert at_target(ratios, values, 1.01).tolist() == [0.74, 0.75, 0.73]
+    assert at_target(ratios, values, 1.01, slope=-10.0) == pytest.approx([0.76, 0.73, 0.73])
+
+
 def test_a_bootstrap_without_units_is_one_clear_error():
     with pytest.raises(BabelError, match="at least one unit"):
         bootstrap.resamples(0)
