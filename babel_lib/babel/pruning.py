@@ -4,7 +4,8 @@ token), and two ways to remove them (a mask at the activation site, or physicall
 A static pruning is a keep mask [n_layers, n_experts] (True = kept). `masked` multiplies the neuron activation
 (the down projection's input) by the mask; `sliced` copies the model with only the kept neurons' gate/up rows and
 down columns (padded with zeroed neurons to an aligned width), so it is really smaller and faster. Both compute the
-same function (up to the summation order of the down projection). `dynamic` keeps, per token and layer, the top-k experts by ExpertMap's score.
+same function (up to the summation order of the down projection). `dynamic` keeps, per token and layer, the top-k
+experts by ExpertMap's score.
 """
 
 from __future__ import annotations
@@ -219,32 +220,29 @@ def _select(module: nn.Module, index: torch.Tensor, dim: int) -> None:
         module.nf = size
 
 
-def slice_ffn(ffn: FFN, kept: torch.Tensor) -> None:
-    """Shrink one FFN in place to neurons `kept` (sorted indices): gate/up rows, down columns."""
-    width, conv = ffn.width, ffn.spec.conv1d
-    in_dim, out_dim = (1, 0) if conv else (0, 1)
-    if ffn.spec.fused_gate_up:
-        _select(ffn.up, torch.cat([kept, kept + width]), in_dim)
-    else:
-        _select(ffn.up, kept, in_dim)
-        if ffn.gate is not None:
-            _select(ffn.gate, kept, in_dim)
-    _select(ffn.down, kept, out_dim)
-
-
-def _zero_neurons(ffn: FFN, index: torch.Tensor) -> None:
-    """Zero neurons `index` in place (gate/up rows with their biases, down columns): each then adds exactly 0."""
+def _neuron_weights(ffn: FFN, index: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor, int]]:
+    """Where neurons `index` sit in one FFN: (projection, its indices, its weight's axis) for the up (fused with the
+    gate: both halves), gate and down projections; on every one but down that axis is the projection's output."""
     width, conv = ffn.width, ffn.spec.conv1d
     in_dim, out_dim = (1, 0) if conv else (0, 1)
     rows = torch.cat([index, index + width]) if ffn.spec.fused_gate_up else index
-    with torch.no_grad():
-        for module, idx in ((ffn.up, rows), (ffn.gate, index)):
-            if module is None:
-                continue
-            module.weight.index_fill_(in_dim, idx.to(module.weight.device), 0)
-            if getattr(module, "bias", None) is not None:
-                module.bias.index_fill_(0, idx.to(module.bias.device), 0)
-        ffn.down.weight.index_fill_(out_dim, index.to(ffn.down.weight.device), 0)
+    parts = [(ffn.up, rows, in_dim)] + ([(ffn.gate, index, in_dim)] if ffn.gate is not None else [])
+    return parts + [(ffn.down, index, out_dim)]
+
+
+def slice_ffn(ffn: FFN, kept: torch.Tensor) -> None:
+    """Shrink one FFN in place to neurons `kept` (sorted indices): gate/up rows, down columns."""
+    for module, index, dim in _neuron_weights(ffn, kept):
+        _select(module, index, dim)
+
+
+@torch.no_grad()
+def _zero_neurons(ffn: FFN, index: torch.Tensor) -> None:
+    """Zero neurons `index` in place (gate/up rows with their biases, down columns): each then adds exactly 0."""
+    for module, idx, dim in _neuron_weights(ffn, index):
+        module.weight.index_fill_(dim, idx.to(module.weight.device), 0)
+        if module is not ffn.down and getattr(module, "bias", None) is not None:
+            module.bias.index_fill_(0, idx.to(module.bias.device), 0)
 
 
 def sliced(model: nn.Module, experts: ExpertMap, keep: torch.Tensor, align: int = 64) -> nn.Module:

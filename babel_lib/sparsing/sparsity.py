@@ -13,7 +13,8 @@ against log index, and a bisection step whenever that does not halve the bracket
 instead of 11 for a random 640-token layer of SmolLM2's shape); a scan then adds those pairs one by
 one to their token's partial sum, which gives CETT exactly at every candidate inside, and t_l is the largest
 of them with CETT ≤ c. So CETT(t_l) ≤ c < CETT(next candidate). Cost per layer: one sort of M values
-(kept in the memo for the next c where the activations are kept: most of a search's time on the CPU), at most about 2 log2(M / SCAN) CETT evaluations (each a [tokens, d_ff] × [d_ff, d_model] matmul) and a scan of
+(kept in the memo for the next c where the activations are kept: most of a search's time on the CPU), at most
+about 2 log2(M / SCAN) CETT evaluations (each a [tokens, d_ff] × [d_ff, d_model] matmul) and a scan of
 SCAN × d_model; memory O(M), the layer's activations, which exist anyway. CETT is the norm of a vector sum
 and is not strictly monotone (adding a vector can shorten a sum; on random Gaussian data about 15 % of
 single steps go down): where it is monotone, or where M ≤ SCAN, t_l is the largest ε with CETT(ε) ≤ c;

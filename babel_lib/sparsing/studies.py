@@ -234,11 +234,11 @@ class ParetoResult:
         the target (0 with fewer than two)."""
         cett = (self.points["method"] == "cett").to_numpy()
         ratios, acts = self._sweep_ratio[cett, 0], self._sweep_act[cett, 0]
-        if len(ratios) < 2:
+        near = _closest_two(ratios, 1 + self.p / 100)
+        if near is None or ratios[near[0]] == ratios[near[1]]:
             return 0.0
-        near = np.argsort(np.abs(ratios - (1 + self.p / 100)))[:2]
         (r1, r2), (a1, a2) = ratios[near], acts[near]
-        return float((a2 - a1) / (r2 - r1)) if r1 != r2 else 0.0
+        return float((a2 - a1) / (r2 - r1))
 
     @property
     def tokens(self) -> int:
@@ -327,11 +327,17 @@ class ParetoResult:
 
 def search_slope(trace: Sequence[Mapping[str, float]], target: float) -> float | None:
     """d ratio_gap / d(log2 c) between the two visited c whose ratios lie closest to the target."""
-    near = sorted(trace, key=lambda t: abs(t["ppl_ratio"] - target))[:2]
-    if len(near) < 2 or near[0]["cett"] == near[1]["cett"]:
+    near = _closest_two(np.array([t["ppl_ratio"] for t in trace]), target)
+    if near is None or trace[near[0]]["cett"] == trace[near[1]]["cett"]:
         return None
-    dx = math.log2(near[1]["cett"]) - math.log2(near[0]["cett"])
-    return (ratio_gap(near[1]["ppl_ratio"], target) - ratio_gap(near[0]["ppl_ratio"], target)) / dx
+    (a, b) = (trace[i] for i in near)
+    dx = math.log2(b["cett"]) - math.log2(a["cett"])
+    return (ratio_gap(b["ppl_ratio"], target) - ratio_gap(a["ppl_ratio"], target)) / dx
+
+
+def _closest_two(ratios: np.ndarray, target: float) -> np.ndarray | None:
+    """Indices of the two perplexity ratios closest to the target (the first closest; stable), None with fewer."""
+    return np.argsort(np.abs(ratios - target), kind="stable")[:2] if len(ratios) >= 2 else None
 
 
 def pareto(store: ArtefactStore, lm: LoadedModel, params: ParetoParams, evaluation: EvalParams,
